@@ -1,0 +1,31 @@
+"""A ``/status`` handler for Tornado services that follows Consul maintenance.
+
+``StatusHandler`` is the original ``sprockets.handlers.status`` handler;
+``ConsulStatusHandler`` answers 503 while Consul has the node in maintenance
+(``consul maint -enable``), following Consul from one watcher per process so
+that a request never waits on Consul.
+"""
+
+from .handler import ConsulStatusHandler, StatusHandler, set_application
+from .settings import FAIL_CLOSED, FAIL_OPEN, Settings, SettingsError
+from .status import MAINTENANCE, OK, UNKNOWN, ConsulStatus
+from .transport import ConsulError
+from .watcher import ConsulWatcher, stop, watch
+
+__all__ = [
+    "FAIL_CLOSED",
+    "FAIL_OPEN",
+    "MAINTENANCE",
+    "OK",
+    "UNKNOWN",
+    "ConsulError",
+    "ConsulStatus",
+    "ConsulStatusHandler",
+    "ConsulWatcher",
+    "Settings",
+    "SettingsError",
+    "StatusHandler",
+    "set_application",
+    "stop",
+    "watch",
+]

@@ -1,0 +1,260 @@
+"""Talking to the Consul agent: python-consul2's endpoints over Tornado's HTTP client.
+
+python-consul2's Tornado client is used for what it does well (building the
+requests and the ACL token header) with three changes the watcher needs:
+
+* every request carries a timeout that follows the blocking query's ``wait``
+  (python-consul2 leaves Tornado's 20 s default, which ends any longer wait
+  with a spurious :class:`consul.base.Timeout`);
+* the client owns its connections, so :meth:`ConsulClient.close` really closes
+  a blocking query that is still waiting;
+* every failure comes out as one :class:`ConsulError` whose message is fit for
+  a log line: it names the agent and the problem, and never the token.
+
+Settings are already resolved (see :mod:`.settings`), so the environment
+variables python-consul2 reads on its own (and lets override its arguments)
+play no part here.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import consul.base
+import consul.tornado
+from tornado import httpclient, iostream, simple_httpclient
+
+from .settings import Settings
+
+Check = dict[str, str]
+"""A health check as Consul reports it, reduced to its string fields."""
+
+
+class ConsulError(Exception):
+    """Consul could not be asked, or gave an answer that cannot be used.
+
+    The message is safe to log and to show: it never contains the token.
+    """
+
+
+def _seconds(duration: str) -> float:
+    """Seconds in a ``wait`` parameter as this module writes it (``"1500ms"``)."""
+    return int(duration[:-2]) / 1000.0
+
+
+class _ClosingHTTPClient(simple_httpclient.SimpleAsyncHTTPClient):
+    """A Tornado HTTP client whose :meth:`close` also ends requests in flight.
+
+    Tornado's own client only stops taking new requests when closed, so a
+    blocking query would hold its socket until Consul answers.
+    """
+
+    def initialize(self, **kwargs: Any) -> None:  # type: ignore[override]
+        super().initialize(**kwargs)
+        self._connections: set[Any] = set()
+
+    def _connection_class(self) -> type:
+        client = self
+
+        class _TrackedConnection(simple_httpclient._HTTPConnection):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                client._connections.add(self)
+                super().__init__(*args, **kwargs)
+
+            def finish(self) -> None:
+                client._connections.discard(self)
+                super().finish()
+
+            def on_connection_close(self) -> None:
+                client._connections.discard(self)
+                super().on_connection_close()
+
+        return _TrackedConnection
+
+    def close(self) -> None:
+        """Close, ending requests in flight without calling back their callers.
+
+        The caller of a request still in flight has been cancelled (the
+        watcher stops its loops first), so there is nobody to tell.
+        """
+        for connection in list(self._connections):
+            connection.final_callback = None
+            remove_timeout = getattr(connection, "_remove_timeout", None)
+            if remove_timeout is not None:
+                remove_timeout()
+            stream = getattr(connection, "stream", None)
+            if stream is not None:
+                stream.close()
+        self._connections.clear()
+        super().close()
+
+
+class _HTTPClient(consul.tornado.HTTPClient):  # type: ignore[misc]
+    """python-consul2's Tornado HTTP client with timeouts, TLS and clean errors."""
+
+    def __init__(self, settings: Settings) -> None:
+        consul.base.HTTPClient.__init__(
+            self,
+            host=settings.host,
+            port=settings.port,
+            scheme=settings.scheme,
+            verify=settings.verify,
+        )
+        self.settings = settings
+        self.client = _ClosingHTTPClient(force_instance=True)
+
+    def get(
+        self,
+        callback: Callable[[consul.base.Response], Any],
+        path: str,
+        params: Iterable[tuple[str, Any]] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Awaitable[Any]:
+        params = list(params or ())
+        wait = dict(params).get("wait")
+        timeout = self.settings.timeout
+        if wait is not None:
+            # Consul adds up to wait/16 of jitter to a blocking query.
+            timeout += _seconds(wait) * 17 / 16
+        settings = self.settings
+        request = httpclient.HTTPRequest(
+            self.uri(path, params),
+            method="GET",
+            headers=headers,
+            connect_timeout=settings.timeout,
+            request_timeout=timeout,
+            validate_cert=settings.verify,
+            ca_certs=settings.ca_file,
+            client_cert=settings.cert_file,
+            client_key=settings.key_file,
+        )
+        return self._request(callback, request)
+
+    async def _request(
+        self,
+        callback: Callable[[consul.base.Response], Any],
+        request: httpclient.HTTPRequest,
+    ) -> Any:
+        path = request.url.split("?", 1)[0][len(self.base_uri) :]
+        try:
+            response = await self.client.fetch(request, raise_error=False)
+        except ssl.SSLError as error:
+            raise ConsulError(
+                f"TLS with {self.base_uri} failed: {error.reason or error}; "
+                "check ca_file (CONSUL_CACERT) and the client certificate"
+            ) from None
+        except httpclient.HTTPClientError as error:
+            # Tornado's 599: a timeout, or the connection closed mid-answer.
+            raise ConsulError(
+                f"no answer from {self.base_uri}{path}: {error.message}"
+            ) from None
+        except (OSError, iostream.StreamClosedError) as error:
+            reason = getattr(error, "strerror", None) or str(error) or "closed"
+            raise ConsulError(f"cannot reach {self.base_uri}: {reason}") from None
+        try:
+            return callback(self.response(response))
+        except consul.base.ACLPermissionDenied as error:
+            raise ConsulError(
+                f"{self.base_uri}{path} answered 403 (ACL: permission denied, "
+                f"check the token): {self._text(error)}"
+            ) from None
+        except consul.base.ConsulException as error:
+            raise ConsulError(
+                f"{self.base_uri}{path} answered {self._text(error)}"
+            ) from None
+        except (KeyError, ValueError, TypeError, IndexError) as error:
+            raise ConsulError(
+                f"{self.base_uri}{path} answered {response.code} with a body that "
+                f"is not what Consul sends ({type(error).__name__})"
+            ) from None
+
+    def _text(self, error: Exception) -> str:
+        """An exception's text, one line, short, and without the token."""
+        text = " ".join(str(error).split())[:200]
+        if self.settings.token:
+            text = text.replace(self.settings.token, "<token>")
+        return text or type(error).__name__
+
+
+class ConsulClient:
+    """The few Consul calls the watcher makes, with checked answers.
+
+    :param settings: where the agent is and how to talk to it.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.http = _HTTPClient(settings)
+        # The attributes python-consul2's endpoint classes read from their
+        # parent, set here instead of by ``consul.base.Consul.__init__``,
+        # which would let the environment override ``settings``.
+        self.token = settings.token
+        self.dc = None
+        self.consistency = "default"
+        self._agent = consul.base.Consul.Agent(self)
+        self._health = consul.base.Consul.Health(self)
+
+    async def node_name(self) -> str:
+        """The node name of the agent this client talks to."""
+        answer = await self._agent.self()
+        try:
+            name = answer["Config"]["NodeName"]
+        except (KeyError, TypeError):
+            name = None
+        if not isinstance(name, str) or not name:
+            raise ConsulError(
+                f"{self.http.base_uri}/v1/agent/self has no Config.NodeName"
+            )
+        return name
+
+    async def node_checks(
+        self, node: str, index: int = 0, wait: float | None = None
+    ) -> tuple[int, list[Check]]:
+        """The health checks of ``node``, and the index to block on next.
+
+        With ``index`` and ``wait`` this is a blocking query: Consul answers
+        when the checks change or after ``wait`` seconds.
+        """
+        path = f"{self.http.base_uri}/v1/health/node/{node}"
+        raw_index, checks = await self._health.node(
+            node,
+            index=str(index) if index else None,
+            wait=f"{round(wait * 1000)}ms" if wait else None,
+        )
+        consul_index = _index(raw_index, path)
+        if checks is None:
+            raise ConsulError(f"{path} answered 404: node {node!r} not found")
+        if not isinstance(checks, list):
+            raise ConsulError(
+                f"{path} answered {type(checks).__name__}, not a list of checks"
+            )
+        result: list[Check] = []
+        for check in checks:
+            if not isinstance(check, dict) or not isinstance(check.get("CheckID"), str):
+                raise ConsulError(f"{path} answered a check without a CheckID")
+            result.append(
+                {key: value for key, value in check.items() if isinstance(value, str)}
+            )
+        return consul_index, result
+
+    def close(self) -> None:
+        """Close every connection, ending a blocking query still waiting."""
+        self.http.client.close()
+
+
+def _index(raw: Any, path: str) -> int:
+    """The ``X-Consul-Index`` of an answer, checked."""
+    try:
+        index = int(raw)
+    except (TypeError, ValueError):
+        raise ConsulError(
+            f"{path} answered without a usable X-Consul-Index ({raw!r})"
+        ) from None
+    if index < 0:
+        raise ConsulError(f"{path} answered a negative X-Consul-Index ({index})")
+    return index
+
+
+__all__ = ["Check", "ConsulClient", "ConsulError"]
