@@ -1,0 +1,129 @@
+"""The consul_status setting: defaults, environment fallbacks, clear errors."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+
+from sprockets_status_consul import FAIL_CLOSED, Settings, SettingsError
+
+
+def resolve(config: dict[str, object] | None = None, **env: str) -> Settings:
+    return Settings.from_mapping(config, environ=env)
+
+
+def test_defaults_follow_consul_conventions() -> None:
+    settings = resolve()
+    assert (settings.scheme, settings.host, settings.port) == (
+        "http",
+        "127.0.0.1",
+        8500,
+    )
+    assert settings.token is None
+    assert settings.node is None
+    assert settings.failure_mode == "open"
+    assert settings.blocking is True
+    assert settings.wait == settings.ttl == 10.0
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("consul.local:8501", ("http", "consul.local", 8501)),
+        ("http://10.1.2.3:8500", ("http", "10.1.2.3", 8500)),
+        ("https://consul.local:8501", ("https", "consul.local", 8501)),
+        ("https://consul.local", ("https", "consul.local", 443)),
+        ("[::1]:8500", ("http", "::1", 8500)),
+        ("consul.local", ("http", "consul.local", 8500)),
+    ],
+)
+def test_address_forms(address: str, expected: tuple[str, str, int]) -> None:
+    settings = resolve(CONSUL_HTTP_ADDR=address)
+    assert (settings.scheme, settings.host, settings.port) == expected
+    assert resolve({"address": address}) == settings
+
+
+def test_setting_wins_over_environment() -> None:
+    settings = resolve(
+        {"address": "a.example:1", "token": "from-setting"},
+        CONSUL_HTTP_ADDR="b.example:2",
+        CONSUL_HTTP_TOKEN="from-env",
+    )
+    assert (settings.host, settings.port) == ("a.example", 1)
+    assert settings.token == "from-setting"
+
+
+def test_token_from_environment_and_files(tmp_path: pathlib.Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("file-token\n")
+    assert resolve(CONSUL_HTTP_TOKEN="env-token").token == "env-token"
+    assert resolve(CONSUL_HTTP_TOKEN_FILE=str(token_file)).token == "file-token"
+    assert resolve({"token_file": str(token_file)}, CONSUL_HTTP_TOKEN="x").token == (
+        "file-token"
+    )
+
+
+def test_token_never_in_repr_or_errors(tmp_path: pathlib.Path) -> None:
+    settings = resolve({"token": "s3cr3t-token"})
+    assert "s3cr3t-token" not in repr(settings)
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    with pytest.raises(SettingsError, match=r"token_file.*empty"):
+        resolve({"token_file": str(empty)})
+    with pytest.raises(SettingsError, match=r"CONSUL_HTTP_TOKEN_FILE.*cannot read"):
+        resolve(CONSUL_HTTP_TOKEN_FILE=str(tmp_path / "missing"))
+
+
+def test_ssl_switches_scheme() -> None:
+    assert resolve({"address": "h:8501", "ssl": True}).scheme == "https"
+    assert resolve(CONSUL_HTTP_ADDR="h:8501", CONSUL_HTTP_SSL="true").scheme == "https"
+    assert resolve(CONSUL_HTTP_SSL_VERIFY="false").verify is False
+
+
+def test_tls_files() -> None:
+    settings = resolve(
+        CONSUL_CACERT="/ca.pem", CONSUL_CLIENT_CERT="/c.pem", CONSUL_CLIENT_KEY="/k.pem"
+    )
+    assert (settings.ca_file, settings.cert_file, settings.key_file) == (
+        "/ca.pem",
+        "/c.pem",
+        "/k.pem",
+    )
+
+
+def test_failure_mode_and_numbers() -> None:
+    settings = resolve(
+        {"failure_mode": "closed", "ttl": 2, "timeout": 0.5, "startup_wait": 0}
+    )
+    assert settings.failure_mode == FAIL_CLOSED
+    assert (settings.ttl, settings.timeout, settings.startup_wait) == (2.0, 0.5, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("config", "env", "names"),
+    [
+        ("not a dict", {}, "consul_status must be a dict"),
+        ({"adress": "x"}, {}, "unknown key.*'adress'"),
+        ({"ttl": 0}, {}, r"consul_status\['ttl'\] must be a positive"),
+        ({"ttl": -1}, {}, r"consul_status\['ttl'\]"),
+        ({"ttl": "10s"}, {}, r"consul_status\['ttl'\] must be a number"),
+        ({"ttl": True}, {}, r"consul_status\['ttl'\] must be a number"),
+        ({"ttl": float("nan")}, {}, r"consul_status\['ttl'\]"),
+        ({"failure_mode": "sometimes"}, {}, r"consul_status\['failure_mode'\]"),
+        ({"node": "a/b"}, {}, r"consul_status\['node'\] must be a Consul node name"),
+        ({"node": ""}, {}, r"consul_status\['node'\] must be a non-empty string"),
+        ({"address": "unix:///tmp/consul.sock"}, {}, r"scheme 'unix'"),
+        ({"address": "h:99999"}, {}, r"consul_status\['address'\]"),
+        ({"address": "http://h:1/path"}, {}, r"consul_status\['address'\]"),
+        ({}, {"CONSUL_HTTP_ADDR": "h:port"}, "CONSUL_HTTP_ADDR"),
+        ({}, {"CONSUL_HTTP_SSL": "maybe"}, "CONSUL_HTTP_SSL must be true or false"),
+        ({"blocking": "sure"}, {}, r"consul_status\['blocking'\]"),
+        ({"cert_file": "/c.pem"}, {}, "needs both cert_file and key_file"),
+    ],
+)
+def test_bad_settings_name_their_key(
+    config: object, env: dict[str, str], names: str
+) -> None:
+    with pytest.raises(SettingsError, match=names):
+        Settings.from_mapping(config, environ=env)  # type: ignore[arg-type]
