@@ -1,0 +1,139 @@
+"""The transport: requests, timeouts and answers, against a real agent."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import pytest
+from tornado import httpclient
+
+from sprockets_status_consul.settings import Settings
+from sprockets_status_consul.transport import ConsulClient, ConsulError
+
+from .consul_agent import AgentBase, free_port
+
+
+def client_for(agent: AgentBase, **settings: Any) -> ConsulClient:
+    return ConsulClient(
+        Settings.from_mapping(
+            {"address": agent.http_addr, "token": agent.token, **settings}, environ={}
+        )
+    )
+
+
+def test_request_timeout_follows_wait() -> None:
+    """A blocking query may outlive Tornado's 20 s default request timeout."""
+    client = ConsulClient(Settings(timeout=2.0))
+    seen: list[httpclient.HTTPRequest] = []
+
+    async def fake_request(callback: Any, request: httpclient.HTTPRequest) -> None:
+        seen.append(request)
+
+    client.http._request = fake_request
+    asyncio.run(
+        client.http.get(
+            None, "/v1/health/node/n", params=[("index", "5"), ("wait", "60000ms")]
+        )
+    )
+    asyncio.run(client.http.get(None, "/v1/agent/self"))
+    blocking, plain = seen
+    assert blocking.request_timeout == pytest.approx(2.0 + 60 * 17 / 16)
+    assert blocking.connect_timeout == plain.connect_timeout == 2.0
+    assert plain.request_timeout == 2.0
+
+
+def test_node_name_and_checks(consul_agent: AgentBase) -> None:
+    async def main() -> None:
+        client = client_for(consul_agent)
+        try:
+            node = await client.node_name()
+            assert node == consul_agent.node_name
+            index, checks = await client.node_checks(node)
+            assert index > 0
+            assert "serfHealth" in {c["CheckID"] for c in checks}
+        finally:
+            client.close()
+
+    asyncio.run(main())
+
+
+def test_blocking_query_returns_on_change(consul_agent: AgentBase) -> None:
+    async def main() -> None:
+        client = client_for(consul_agent)
+        try:
+            index, _ = await client.node_checks(consul_agent.node_name)
+            timer = threading.Timer(
+                0.3, consul_agent.consul, ("maint", "-enable", "-reason", "blocked")
+            )
+            started = time.monotonic()
+            timer.start()
+            new_index, checks = await client.node_checks(
+                consul_agent.node_name, index, wait=20.0
+            )
+            elapsed = time.monotonic() - started
+            timer.join()
+            assert 0.25 < elapsed < 5
+            assert new_index > index
+            notes = {c["CheckID"]: c.get("Notes") for c in checks}
+            assert notes["_node_maintenance"] == "blocked"
+        finally:
+            client.close()
+
+    asyncio.run(main())
+
+
+def test_blocking_query_waits_for_wait(consul_agent: AgentBase) -> None:
+    async def main() -> None:
+        client = client_for(consul_agent)
+        try:
+            index, _ = await client.node_checks(consul_agent.node_name)
+            started = time.monotonic()
+            same, _ = await client.node_checks(consul_agent.node_name, index, wait=0.5)
+            elapsed = time.monotonic() - started
+            assert same == index
+            # Consul adds up to wait/16 of jitter.
+            assert 0.45 < elapsed < 0.5 * 17 / 16 + 0.5
+        finally:
+            client.close()
+
+    asyncio.run(main())
+
+
+def test_connection_refused_is_a_clear_error() -> None:
+    port = free_port()
+
+    async def main() -> None:
+        client = ConsulClient(Settings(port=port, token="s3cr3t"))
+        try:
+            with pytest.raises(ConsulError) as error:
+                await client.node_name()
+            text = str(error.value)
+            assert f"cannot reach http://127.0.0.1:{port}" in text
+            assert "s3cr3t" not in text
+        finally:
+            client.close()
+
+    asyncio.run(main())
+
+
+def test_close_ends_a_waiting_blocking_query(consul_agent: AgentBase) -> None:
+    async def main() -> None:
+        client = client_for(consul_agent)
+        index, _ = await client.node_checks(consul_agent.node_name)
+        query = asyncio.ensure_future(
+            client.node_checks(consul_agent.node_name, index, wait=30.0)
+        )
+        deadline = time.monotonic() + 5
+        while not client.http.client._connections:
+            assert time.monotonic() < deadline, "the query never started"
+            await asyncio.sleep(0.005)
+        query.cancel()
+        client.close()
+        assert not client.http.client._connections
+        with pytest.raises(asyncio.CancelledError):
+            await query
+
+    asyncio.run(main())
