@@ -52,6 +52,8 @@ class Settings:
     scheme: str = "http"
     token: str | None = dataclasses.field(default=None, repr=False)
     node: str | None = None
+    service: str | None = None
+    key: str | None = None
     ttl: float = 10.0
     blocking: bool = True
     timeout: float = 2.0
@@ -118,6 +120,17 @@ class Settings:
                 f"{node_origin} must be a Consul node name "
                 f"(letters, digits, '-', '_' and '.'), got {node!r}"
             )
+        service, service_origin = reader.optional_string("service", None)
+        if service is not None and "/" in service:
+            raise SettingsError(
+                f"{service_origin} must be a service ID, got {service!r}"
+            )
+        kv_key, kv_origin = reader.optional_string("key", None)
+        if kv_key is not None and (kv_key.startswith("/") or kv_key.endswith("/")):
+            raise SettingsError(
+                f"{kv_origin} must be a Consul KV key without a leading or "
+                f"trailing '/', got {kv_key!r}"
+            )
         failure_mode, origin = reader.string("failure_mode", None, FAIL_OPEN)
         if failure_mode not in (FAIL_OPEN, FAIL_CLOSED):
             raise SettingsError(
@@ -140,6 +153,8 @@ class Settings:
             scheme=scheme,
             token=reader.token(),
             node=node,
+            service=service,
+            key=kv_key,
             ttl=reader.seconds("ttl", cls.ttl),
             blocking=reader.flag("blocking", None, cls.blocking)[0],
             timeout=reader.seconds("timeout", cls.timeout),
@@ -160,6 +175,8 @@ _KEYS = frozenset(
         "token",
         "token_file",
         "node",
+        "service",
+        "key",
         "ttl",
         "blocking",
         "timeout",

@@ -13,6 +13,9 @@ MAINTENANCE = "maintenance"
 UNKNOWN = "unknown"
 """Neither of the above: ``/status`` answers 500, as the original handler did."""
 
+DRAINING = "draining"
+"""The process is shutting down and lets load balancers notice: 503."""
+
 # What the watcher knows of Consul, reported as the ``consul`` field of the body.
 STARTING = "starting"
 """No answer from Consul yet and no error either."""
@@ -29,13 +32,35 @@ STALE = "stale"
 
 @dataclasses.dataclass(frozen=True)
 class Verdict:
-    """What one source of maintenance says: in maintenance or not, and why."""
+    """What one source of maintenance says: in maintenance or not, and why.
+
+    ``source`` names the source when one query answers for several (the
+    node's checks hold both node and service maintenance).
+    """
 
     maintenance: bool
     reason: str | None = None
+    source: str | None = None
 
 
 NOT_IN_MAINTENANCE = Verdict(maintenance=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceStatus:
+    """What the watcher knows of one source: ``node``, ``service`` or ``key``.
+
+    ``consul`` is the state of the query that follows it (as in
+    :class:`ConsulStatus`), ``error`` the last error while it is not
+    connected, ``subject`` the node name, service ID or key followed.
+    """
+
+    name: str
+    subject: str | None
+    maintenance: bool
+    consul: str
+    reason: str | None = None
+    error: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,11 +68,12 @@ class ConsulStatus:
     """The watcher's answer at one moment, as the handler reports it.
 
     ``status`` is :data:`OK` or :data:`MAINTENANCE`; ``source`` names what put
-    the application in maintenance (``"node"``, or ``"consul"`` when the
-    failure policy is closed and Consul cannot be reached) and ``reason`` says
-    why. ``consul`` is one of :data:`STARTING`, :data:`CONNECTED`,
-    :data:`UNREACHABLE` or :data:`STALE`; ``age`` is how many seconds ago
-    Consul last confirmed the answer, ``None`` when it never has.
+    the application in maintenance (``"node"``, ``"service"``, ``"key"``, or
+    ``"consul"`` when the failure policy is closed and Consul cannot be
+    reached) and ``reason`` says why. ``consul`` is one of :data:`STARTING`,
+    :data:`CONNECTED`, :data:`UNREACHABLE` or :data:`STALE`; ``age`` is how
+    many seconds ago Consul last confirmed the answer, ``None`` while it is
+    connected or when it never has. ``sources`` has one entry per source.
     """
 
     status: str
@@ -55,3 +81,4 @@ class ConsulStatus:
     reason: str | None = None
     source: str | None = None
     age: float | None = None
+    sources: tuple[SourceStatus, ...] = ()

@@ -164,7 +164,7 @@ class _HTTPClient(consul.tornado.HTTPClient):  # type: ignore[misc]
             raise ConsulError(
                 f"{self.base_uri}{path} answered {self._text(error)}"
             ) from None
-        except (KeyError, ValueError, TypeError, IndexError) as error:
+        except (AttributeError, IndexError, KeyError, TypeError, ValueError) as error:
             raise ConsulError(
                 f"{self.base_uri}{path} answered {response.code} with a body that "
                 f"is not what Consul sends ({type(error).__name__})"
@@ -195,6 +195,7 @@ class ConsulClient:
         self.consistency = "default"
         self._agent = consul.base.Consul.Agent(self)
         self._health = consul.base.Consul.Health(self)
+        self._kv = consul.base.Consul.KV(self)
 
     async def node_name(self) -> str:
         """The node name of the agent this client talks to."""
@@ -238,6 +239,28 @@ class ConsulClient:
                 {key: value for key, value in check.items() if isinstance(value, str)}
             )
         return consul_index, result
+
+    async def kv_value(
+        self, key: str, index: int = 0, wait: float | None = None
+    ) -> tuple[int, bytes | None]:
+        """The value of ``key`` (``None`` when there is no such key), and the index.
+
+        With ``index`` and ``wait`` this is a blocking query, as for
+        :meth:`node_checks`; a missing key is followed the same way.
+        """
+        path = f"{self.http.base_uri}/v1/kv/{key}"
+        raw_index, entry = await self._kv.get(
+            key,
+            index=str(index) if index else None,
+            wait=f"{round(wait * 1000)}ms" if wait else None,
+        )
+        consul_index = _index(raw_index, path)
+        if entry is None:
+            return consul_index, None
+        value = entry.get("Value") if isinstance(entry, dict) else False
+        if value is not None and not isinstance(value, bytes):
+            raise ConsulError(f"{path} answered an entry without a usable Value")
+        return consul_index, value or b""
 
     def close(self) -> None:
         """Close every connection, ending a blocking query still waiting."""

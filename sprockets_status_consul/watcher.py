@@ -1,6 +1,7 @@
 """Following Consul: one watcher per application, answers kept in memory.
 
-The watcher runs one loop per source of maintenance (the node, so far). Each
+The watcher runs one loop per source of maintenance: the node's checks (node
+and service maintenance) and, when configured, a fleet-wide KV key. Each
 loop asks Consul with a blocking query: Consul holds the request until the
 answer changes or ``wait`` passes, so a change reaches the process within
 milliseconds while an idle process sends one request per TTL. The index
@@ -12,7 +13,7 @@ handling follows Consul's rules for blocking queries (and HashiCorp's Go
 * an index of 0 is never blocked on;
 * an unchanged answer that comes back early is not asked again at once.
 
-Errors are retried with capped exponential backoff and full jitter, logged
+Errors are retried with capped exponential backoff and jitter, logged
 once per change of state, and never reach a request: :meth:`ConsulWatcher.status`
 only reads memory. What a request reports while Consul cannot be reached is
 the failure policy (:data:`~.settings.FAIL_OPEN` or
@@ -39,6 +40,9 @@ LOGGER = logging.getLogger(__name__)
 NODE_MAINTENANCE_CHECK = "_node_maintenance"
 """The check ``consul maint -enable`` sets critical on the node."""
 
+SERVICE_MAINTENANCE_CHECK = "_service_maintenance:"
+"""The prefix of the check ``consul maint -enable -service ID`` sets critical."""
+
 RETRY_MIN = 0.05
 """First retry delay after an error, in seconds; it doubles up to ``retry_max``."""
 
@@ -51,6 +55,21 @@ class Source:
 
     name = "source"
 
+    def describe(
+        self, verdict: st.Verdict | None, consul: str, error: str | None
+    ) -> list[st.SourceStatus]:
+        """What this source reports, one entry per kind of maintenance."""
+        maintenance = verdict is not None and verdict.maintenance
+        reason = verdict.reason if verdict is not None else None
+        return [
+            st.SourceStatus(self.name, self.subject, maintenance, consul, reason, error)
+        ]
+
+    @property
+    def subject(self) -> str | None:
+        """What is followed: a node name, a key."""
+        return None
+
     async def query(
         self, client: ConsulClient, index: int, wait: float | None
     ) -> tuple[int, st.Verdict]:
@@ -59,7 +78,12 @@ class Source:
 
 
 class NodeSource(Source):
-    """Node maintenance: the ``_node_maintenance`` check of the agent's node.
+    """Node and service maintenance, from the checks of the agent's node.
+
+    ``consul maint -enable`` sets the node's ``_node_maintenance`` check
+    critical; ``consul maint -enable -service ID`` sets the check
+    ``_service_maintenance:ID``. Both are checks of the node, so one blocking
+    query follows both; node maintenance comes first.
 
     Without a ``node`` setting the node is the one of the agent the watcher
     talks to, asked once; the process's host name is not used, since it is
@@ -68,8 +92,44 @@ class NodeSource(Source):
 
     name = "node"
 
-    def __init__(self, node: str | None) -> None:
+    def __init__(self, node: str | None, service: str | None = None) -> None:
         self.node = node
+        self.service = service
+        self.service_check = (
+            None if service is None else f"{SERVICE_MAINTENANCE_CHECK}{service}"
+        )
+
+    @property
+    def subject(self) -> str | None:
+        return self.node
+
+    def describe(
+        self, verdict: st.Verdict | None, consul: str, error: str | None
+    ) -> list[st.SourceStatus]:
+        source = verdict.source if verdict is not None else None
+        reason = verdict.reason if verdict is not None else None
+        entries = [
+            st.SourceStatus(
+                "node",
+                self.node,
+                source == "node",
+                consul,
+                reason if source == "node" else None,
+                error,
+            )
+        ]
+        if self.service is not None:
+            entries.append(
+                st.SourceStatus(
+                    "service",
+                    self.service,
+                    source == "service",
+                    consul,
+                    reason if source == "service" else None,
+                    error,
+                )
+            )
+        return entries
 
     async def query(
         self, client: ConsulClient, index: int, wait: float | None
@@ -81,14 +141,45 @@ class NodeSource(Source):
         if not checks:
             # Every node Consul knows has at least its serfHealth check.
             raise ConsulError(f"Consul knows no node named {self.node!r}")
-        for check in checks:
-            if (
-                check.get("CheckID") == NODE_MAINTENANCE_CHECK
-                and check.get("Status") == "critical"
-            ):
-                reason = check.get("Notes") or "node maintenance"
-                return consul_index, st.Verdict(True, reason)
+        critical = {
+            check["CheckID"]: check.get("Notes") or ""
+            for check in checks
+            if check.get("Status") == "critical"
+        }
+        if NODE_MAINTENANCE_CHECK in critical:
+            reason = critical[NODE_MAINTENANCE_CHECK] or "node maintenance"
+            return consul_index, st.Verdict(True, reason, "node")
+        if self.service_check in critical:
+            reason = critical[self.service_check] or "service maintenance"
+            return consul_index, st.Verdict(True, reason, "service")
         return consul_index, st.NOT_IN_MAINTENANCE
+
+
+class KeySource(Source):
+    """The fleet-wide switch: while a Consul KV key exists, every backend that
+    follows it is in maintenance, and the key's value is the reason::
+
+        consul kv put service/my-service/maintenance "deploy 42"
+        consul kv delete service/my-service/maintenance
+    """
+
+    name = "key"
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    @property
+    def subject(self) -> str | None:
+        return self.key
+
+    async def query(
+        self, client: ConsulClient, index: int, wait: float | None
+    ) -> tuple[int, st.Verdict]:
+        consul_index, value = await client.kv_value(self.key, index, wait)
+        if value is None:
+            return consul_index, st.NOT_IN_MAINTENANCE
+        reason = value.decode("utf-8", "replace").strip()
+        return consul_index, st.Verdict(True, reason or f"key {self.key} is set")
 
 
 class _Followed:
@@ -116,7 +207,10 @@ class ConsulWatcher:
     def __init__(self, settings: Settings, client: ConsulClient | None = None) -> None:
         self.settings = settings
         self._client = client
-        self._followed = [_Followed(NodeSource(settings.node))]
+        sources: list[Source] = [NodeSource(settings.node, settings.service)]
+        if settings.key is not None:
+            sources.append(KeySource(settings.key))
+        self._followed = [_Followed(source) for source in sources]
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready: asyncio.Event | None = None
@@ -247,10 +341,11 @@ class ConsulWatcher:
                 "Consul %s answers again after %.1f s", self.settings.address, down
             )
         if verdict != followed.verdict:
-            name = followed.source.name
             if verdict.maintenance:
+                name = verdict.source or followed.source.name
                 LOGGER.info("%s maintenance enabled: %s", name, verdict.reason)
-            elif followed.verdict is not None:
+            elif followed.verdict is not None and followed.verdict.maintenance:
+                name = followed.verdict.source or followed.source.name
                 LOGGER.info("%s maintenance disabled", name)
         followed.verdict = verdict
         followed.error = None
@@ -285,7 +380,10 @@ class ConsulWatcher:
         settings = self.settings
         states = []
         ages = []
+        sources: list[st.SourceStatus] = []
         maintenance: tuple[str, str | None] | None = None
+        source: str | None
+        reason: str | None
         for followed in self._followed:
             age = None if followed.answered_at is None else now - followed.answered_at
             if followed.error is None:
@@ -299,28 +397,33 @@ class ConsulWatcher:
                 ages.append(age)
             verdict = followed.verdict
             if maintenance is None and verdict is not None and verdict.maintenance:
-                maintenance = (followed.source.name, verdict.reason)
+                maintenance = (verdict.source or followed.source.name, verdict.reason)
+            sources.extend(followed.source.describe(verdict, state, followed.error))
         consul = max(states, key=_SEVERITY.index)
         age = max(ages, key=lambda a: float("inf") if a is None else a, default=None)
         if age is not None:
             age = round(age, 3)
         if maintenance is not None:
             source, reason = maintenance
-            return st.ConsulStatus(st.MAINTENANCE, consul, reason, source, age)
-        if settings.failure_mode == FAIL_CLOSED and consul in (st.STARTING, st.STALE):
+            status = st.MAINTENANCE
+        elif settings.failure_mode == FAIL_CLOSED and consul in (st.STARTING, st.STALE):
+            source = "consul"
             reason = next(
                 (f.error for f in self._followed if f.error),
                 "no answer from Consul yet",
             )
-            return st.ConsulStatus(st.MAINTENANCE, consul, reason, "consul", age)
-        return st.ConsulStatus(st.OK, consul, None, None, age)
+            status = st.MAINTENANCE
+        else:
+            source = reason = None
+            status = st.OK
+        return st.ConsulStatus(status, consul, reason, source, age, tuple(sources))
 
 
 _SEVERITY = [st.CONNECTED, st.STARTING, st.UNREACHABLE, st.STALE]
 
 
 def _backoff(failures: int, cap: float) -> float:
-    """Capped exponential backoff with full jitter, in seconds."""
+    """Capped exponential backoff with jitter: between half and all of it."""
     ceiling = min(cap, RETRY_MIN * 2 ** min(failures - 1, 32))
     return random.uniform(ceiling / 2, ceiling)
 
