@@ -6,13 +6,20 @@
 that a request never waits on Consul.
 """
 
-from .handler import ConsulStatusHandler, StatusHandler, set_application
+from .drain import drain, serve_until_signalled
+from .handler import (
+    ConsulStatusHandler,
+    LivenessHandler,
+    StatusHandler,
+    set_application,
+)
 from .settings import FAIL_CLOSED, FAIL_OPEN, Settings, SettingsError
-from .status import MAINTENANCE, OK, UNKNOWN, ConsulStatus
+from .status import DRAINING, MAINTENANCE, OK, UNKNOWN, ConsulStatus
 from .transport import ConsulError
 from .watcher import ConsulWatcher, stop, watch
 
 __all__ = [
+    "DRAINING",
     "FAIL_CLOSED",
     "FAIL_OPEN",
     "MAINTENANCE",
@@ -22,9 +29,12 @@ __all__ = [
     "ConsulStatus",
     "ConsulStatusHandler",
     "ConsulWatcher",
+    "LivenessHandler",
     "Settings",
     "SettingsError",
     "StatusHandler",
+    "drain",
+    "serve_until_signalled",
     "set_application",
     "stop",
     "watch",

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import json
 import logging
 from collections.abc import Awaitable
 from typing import Any
 
 from tornado import web
 
+from . import health
 from .settings import SettingsError
-from .status import MAINTENANCE, OK, ConsulStatus
+from .status import CONNECTED, DRAINING, MAINTENANCE, OK, ConsulStatus
 from .watcher import ConsulWatcher, watch
 
 LOGGER = logging.getLogger(__name__)
@@ -50,18 +52,25 @@ class StatusHandler(web.RequestHandler):
     """Reports the application's status: 200 for ok, 503 for maintenance.
 
     The status is ``application.status`` (:data:`~.status.OK` when unset);
-    anything but ok and maintenance answers 500. The body is a JSON object
-    with ``application``, ``status`` and ``version``. Subclasses change the
-    answer through :meth:`_application_status`, :meth:`_status_response` and
-    :meth:`_status_response_code`, as with the original handler.
+    :data:`~.status.DRAINING` answers 503 too, anything else 500. The body is
+    a JSON object with ``application``, ``status`` and ``version``, or the
+    ``application/health+json`` format when the request asks for it.
+    Subclasses change the answer through :meth:`_application_status`,
+    :meth:`_status_response` and :meth:`_status_response_code`, as with the
+    original handler.
     """
 
     def set_default_headers(self) -> None:
         self.set_header("Cache-Control", "no-store")
+        self.set_header("Vary", "Accept")
 
     def get(self, *args: Any, **kwargs: Any) -> None:
         self.set_status(self._status_response_code())
-        self.write(self._status_response())
+        if health.wanted(self.request.headers.get("Accept", "")):
+            self.set_header("Content-Type", health.MEDIA_TYPE)
+            self.write(json.dumps(self._health_response()))
+        else:
+            self.write(self._status_response())
 
     head = get
 
@@ -86,9 +95,59 @@ class StatusHandler(web.RequestHandler):
         status = self._application_status()
         if status == OK:
             return 200
-        if status == MAINTENANCE:
+        if status in (MAINTENANCE, DRAINING):
             return 503
         return 500
+
+    def _health_checks(self) -> dict[str, list[dict[str, Any]]]:
+        """The ``checks`` of the health+json answer: here, the application's."""
+        status = str(getattr(self.application, "status", OK))
+        return {
+            "application:status": health.check(
+                health.PASS if status == OK else health.FAIL, status
+            )
+        }
+
+    def _health_response(self) -> dict[str, Any]:
+        """The answer in the ``application/health+json`` format."""
+        body = self._status_response()
+        checks = self._health_checks()
+        status = health.worst(
+            health.PASS if body["status"] == OK else health.FAIL,
+            *(entry[0]["status"] for entry in checks.values()),
+        )
+        answer: dict[str, Any] = {
+            "status": status,
+            "version": body["version"],
+            "serviceId": body["application"],
+            "description": f"status of {body['application']}",
+            "checks": checks,
+        }
+        notes = [
+            f"{key}: {value}"
+            for key, value in body.items()
+            if key not in ("application", "status", "version")
+        ]
+        if notes:
+            answer["notes"] = notes
+        if body.get("reason"):
+            answer["output"] = body["reason"]
+        return answer
+
+
+class LivenessHandler(StatusHandler):
+    """Answers 200 while the process serves, whatever its status.
+
+    The liveness probe beside the readiness probe (the status handler): an
+    orchestrator that restarts processes failing liveness leaves alone a
+    healthy process that is in maintenance or draining.
+    """
+
+    def _application_status(self) -> str:
+        return OK
+
+    def _health_checks(self) -> dict[str, list[dict[str, Any]]]:
+        return {"process:alive": health.check(health.PASS, "alive")}
 
 
 class ConsulStatusHandler(StatusHandler):
@@ -142,3 +201,20 @@ class ConsulStatusHandler(StatusHandler):
         if consul.age is not None:
             body["consul_age"] = consul.age
         return body
+
+    def _health_checks(self) -> dict[str, list[dict[str, Any]]]:
+        checks = super()._health_checks()
+        for source in self.consul_status.sources:
+            if source.maintenance:
+                status = health.FAIL
+            elif source.consul == CONNECTED:
+                status = health.PASS
+            else:
+                status = health.WARN
+            checks[f"consul-{source.name}:maintenance"] = health.check(
+                status,
+                MAINTENANCE if source.maintenance else OK,
+                source.subject,
+                source.reason if source.maintenance else source.error,
+            )
+        return checks

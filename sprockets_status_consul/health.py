@@ -1,0 +1,59 @@
+"""The ``application/health+json`` answer (draft-inadarei-api-health-check).
+
+A request whose ``Accept`` header asks for ``application/health+json`` gets
+the IETF draft's format instead of the original handler's JSON: ``status`` is
+``pass``, ``warn`` or ``fail``, and ``checks`` has one entry per source of
+the status. Plain requests keep the original JSON.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+MEDIA_TYPE = "application/health+json"
+
+PASS = "pass"
+WARN = "warn"
+FAIL = "fail"
+
+
+def wanted(accept: str) -> bool:
+    """Whether an ``Accept`` header asks for ``application/health+json``."""
+    if "health+json" not in accept:  # the common case, decided at once
+        return False
+    for media_range in accept.split(","):
+        media_type, _, parameters = media_range.partition(";")
+        if media_type.strip().lower() != MEDIA_TYPE:
+            continue
+        for parameter in parameters.split(";"):
+            name, _, value = parameter.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    return float(value) > 0
+                except ValueError:
+                    return False
+        return True
+    return False
+
+
+def check(
+    status: str,
+    observed: str,
+    component_id: str | None = None,
+    output: str | None = None,
+) -> list[dict[str, Any]]:
+    """One entry of ``checks``: a list of one measurement, as the draft wants."""
+    entry: dict[str, Any] = {"status": status, "observedValue": observed}
+    if component_id is not None:
+        entry["componentId"] = component_id
+    if output:
+        entry["output"] = output
+    return [entry]
+
+
+def worst(*statuses: str) -> str:
+    """The overall status of several: fail over warn over pass."""
+    for status in (FAIL, WARN):
+        if status in statuses:
+            return status
+    return PASS
