@@ -64,6 +64,10 @@ class StatusHandler(web.RequestHandler):
         self.set_header("Cache-Control", "no-store")
         self.set_header("Vary", "Accept")
 
+    def compute_etag(self) -> None:
+        """No ETag, so no 304: a status is never "not modified"."""
+        return None
+
     def get(self, *args: Any, **kwargs: Any) -> None:
         self.set_status(self._status_response_code())
         if health.wanted(self.request.headers.get("Accept", "")):

@@ -18,6 +18,8 @@ play no part here.
 
 from __future__ import annotations
 
+import contextvars
+import logging
 import ssl
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -27,6 +29,25 @@ import consul.tornado
 from tornado import httpclient, iostream, simple_httpclient
 
 from .settings import Settings
+
+_CONSUL_IO: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "sprockets_status_consul_io", default=False
+)
+
+
+class _QuietConsulIO(logging.Filter):
+    """Drops what Tornado logs about this module's own connections.
+
+    Tornado logs a failed TLS handshake or a malformed answer on every
+    attempt; the watcher already reports each failure once per change of
+    state. Records about any other connection of the process pass.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _CONSUL_IO.get()
+
+
+logging.getLogger("tornado.general").addFilter(_QuietConsulIO())
 
 Check = dict[str, str]
 """A health check as Consul reports it, reduced to its string fields."""
@@ -138,6 +159,9 @@ class _HTTPClient(consul.tornado.HTTPClient):  # type: ignore[misc]
         request: httpclient.HTTPRequest,
     ) -> Any:
         path = request.url.split("?", 1)[0][len(self.base_uri) :]
+        # Marks the connection this request opens: its callbacks run in a
+        # copy of this context (see _QuietConsulIO).
+        marked = _CONSUL_IO.set(True)
         try:
             response = await self.client.fetch(request, raise_error=False)
         except ssl.SSLError as error:
@@ -153,6 +177,8 @@ class _HTTPClient(consul.tornado.HTTPClient):  # type: ignore[misc]
         except (OSError, iostream.StreamClosedError) as error:
             reason = getattr(error, "strerror", None) or str(error) or "closed"
             raise ConsulError(f"cannot reach {self.base_uri}: {reason}") from None
+        finally:
+            _CONSUL_IO.reset(marked)
         try:
             return callback(self.response(response))
         except consul.base.ACLPermissionDenied as error:
@@ -165,6 +191,11 @@ class _HTTPClient(consul.tornado.HTTPClient):  # type: ignore[misc]
                 f"{self.base_uri}{path} answered {self._text(error)}"
             ) from None
         except (AttributeError, IndexError, KeyError, TypeError, ValueError) as error:
+            if isinstance(error, KeyError) and error.args == ("X-Consul-Index",):
+                raise ConsulError(
+                    f"{self.base_uri}{path} answered {response.code} without "
+                    "an X-Consul-Index header"
+                ) from None
             raise ConsulError(
                 f"{self.base_uri}{path} answered {response.code} with a body that "
                 f"is not what Consul sends ({type(error).__name__})"
@@ -172,9 +203,10 @@ class _HTTPClient(consul.tornado.HTTPClient):  # type: ignore[misc]
 
     def _text(self, error: Exception) -> str:
         """An exception's text, one line, short, and without the token."""
-        text = " ".join(str(error).split())[:200]
+        text = str(error)
         if self.settings.token:
             text = text.replace(self.settings.token, "<token>")
+        text = " ".join(text.split())[:200]
         return text or type(error).__name__
 
 
@@ -199,7 +231,15 @@ class ConsulClient:
 
     async def node_name(self) -> str:
         """The node name of the agent this client talks to."""
-        answer = await self._agent.self()
+        try:
+            answer = await self._agent.self()
+        except ConsulError as error:
+            if " answered 403 " not in str(error):
+                raise
+            raise ConsulError(
+                f"{error}; finding the agent's node needs agent:read, "
+                "or set the node in the consul_status setting"
+            ) from None
         try:
             name = answer["Config"]["NodeName"]
         except (KeyError, TypeError):
@@ -224,9 +264,9 @@ class ConsulClient:
             index=str(index) if index else None,
             wait=f"{round(wait * 1000)}ms" if wait else None,
         )
-        consul_index = _index(raw_index, path)
         if checks is None:
             raise ConsulError(f"{path} answered 404: node {node!r} not found")
+        consul_index = _index(raw_index, path)
         if not isinstance(checks, list):
             raise ConsulError(
                 f"{path} answered {type(checks).__name__}, not a list of checks"

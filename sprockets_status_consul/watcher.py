@@ -140,7 +140,10 @@ class NodeSource(Source):
         consul_index, checks = await client.node_checks(self.node, index, wait)
         if not checks:
             # Every node Consul knows has at least its serfHealth check.
-            raise ConsulError(f"Consul knows no node named {self.node!r}")
+            raise ConsulError(
+                f"Consul knows no node named {self.node!r}, or the ACL token "
+                "may not read it (it needs node:read)"
+            )
         critical = {
             check["CheckID"]: check.get("Notes") or ""
             for check in checks
