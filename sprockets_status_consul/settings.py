@@ -111,7 +111,9 @@ class Settings:
         ssl, ssl_origin = reader.flag("ssl", "CONSUL_HTTP_SSL", scheme == "https")
         if ssl and scheme == "http":
             scheme = "https"
-        elif not ssl and scheme == "https" and ssl_origin:
+        elif not ssl and scheme == "https" and ssl_origin.startswith(SETTING):
+            # As Consul's api package: CONSUL_HTTP_SSL=false never downgrades
+            # an https address; only the setting may contradict it, loudly.
             raise SettingsError(f"{ssl_origin} is false but the address is https")
 
         node, node_origin = reader.optional_string("node", None)
@@ -155,7 +157,7 @@ class Settings:
             node=node,
             service=service,
             key=kv_key,
-            ttl=reader.seconds("ttl", cls.ttl),
+            ttl=reader.seconds("ttl", cls.ttl, maximum=600.0),  # Consul's longest wait
             blocking=reader.flag("blocking", None, cls.blocking)[0],
             timeout=reader.seconds("timeout", cls.timeout),
             startup_wait=reader.seconds("startup_wait", cls.startup_wait, zero=True),
@@ -233,12 +235,18 @@ class _Reader:
             return value.strip().lower() in _TRUE, origin
         raise SettingsError(f"{origin} must be true or false, got {value!r}")
 
-    def seconds(self, key: str, default: float, zero: bool = False) -> float:
+    def seconds(
+        self, key: str, default: float, zero: bool = False, maximum: float = 86400.0
+    ) -> float:
         value, origin = self._get(key, None)
         if value is None:
             return default
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SettingsError(f"{origin} must be a number of seconds")
+        if value > maximum:
+            raise SettingsError(
+                f"{origin} must be at most {maximum:g} s, got {value!r}"
+            )
         if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
             raise SettingsError(
                 f"{origin} must be a {'non-negative' if zero else 'positive'} "
@@ -248,17 +256,23 @@ class _Reader:
 
     def token(self) -> str | None:
         """The ACL token: setting, setting's file, environment, environment's file."""
+        if (
+            self._get("token", None)[0] is not None
+            and self._get("token_file", None)[0] is not None
+        ):
+            raise SettingsError(f"{SETTING}: set token or token_file, not both")
+        # The file wins over the token, as in Consul's CLI and api package.
         for key, var in (
-            ("token", None),
             ("token_file", None),
-            (None, "CONSUL_HTTP_TOKEN"),
+            ("token", None),
             (None, "CONSUL_HTTP_TOKEN_FILE"),
+            (None, "CONSUL_HTTP_TOKEN"),
         ):
             value, origin = self.optional_string(key, var)
             if value is None:
                 continue
             if not origin.endswith(("_file']", "_FILE")):
-                return value
+                return _checked_token(value, origin)
             try:
                 with open(value, encoding="utf-8") as f:
                     token = f.read().strip()
@@ -268,8 +282,18 @@ class _Reader:
                 ) from None
             if not token:
                 raise SettingsError(f"{origin}: the token file {value!r} is empty")
-            return token
+            return _checked_token(token, f"{origin} ({value!r})")
         return None
+
+
+def _checked_token(token: str, origin: str) -> str:
+    """A token fit for an HTTP header; the message never shows it."""
+    if not token.isascii() or not token.isprintable() or " " in token:
+        raise SettingsError(
+            f"{origin}: the token has spaces, line breaks or other characters "
+            "no ACL token has"
+        )
+    return token
 
 
 def _parse_address(value: str, origin: str) -> tuple[str, str, int]:

@@ -19,14 +19,16 @@ play no part here.
 from __future__ import annotations
 
 import contextvars
+import ipaddress
 import logging
+import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import consul.base
 import consul.tornado
-from tornado import httpclient, iostream, simple_httpclient
+from tornado import httpclient, iostream, netutil, simple_httpclient
 
 from .settings import Settings
 
@@ -65,6 +67,48 @@ def _seconds(duration: str) -> float:
     return int(duration[:-2]) / 1000.0
 
 
+class _LiteralResolver(netutil.Resolver):
+    """Answers an IP address at once; asks the default resolver for a name.
+
+    Tornado's default resolver runs ``getaddrinfo`` in a thread for every
+    connection, even to ``127.0.0.1``, and the client opens a connection for
+    every query: a thread hop on every change Consul reports.
+    """
+
+    def initialize(self) -> None:
+        self._names = netutil.DefaultLoopResolver()
+
+    async def resolve(
+        self, host: str, port: int, family: socket.AddressFamily = socket.AF_UNSPEC
+    ) -> list[tuple[int, Any]]:
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            names: list[tuple[int, Any]] = await self._names.resolve(host, port, family)
+            return names
+        if address.version == 6:
+            return [(socket.AF_INET6, (host, port, 0, 0))]
+        return [(socket.AF_INET, (host, port))]
+
+
+class _TrackedConnection(simple_httpclient._HTTPConnection):
+    """A connection its client knows of until it is done, whatever the outcome."""
+
+    def __init__(self, client: _ClosingHTTPClient, *args: Any, **kwargs: Any) -> None:
+        client._connections.add(self)
+        super().__init__(client, *args, **kwargs)
+
+    def _run_callback(self, response: httpclient.HTTPResponse) -> None:
+        # Every outcome passes here, including errors raised before there is
+        # a stream (refused, DNS, connect timeout, TLS).
+        self.client._connections.discard(self)  # type: ignore[union-attr]
+        super()._run_callback(response)
+
+    def on_connection_close(self) -> None:
+        self.client._connections.discard(self)  # type: ignore[union-attr]
+        super().on_connection_close()
+
+
 class _ClosingHTTPClient(simple_httpclient.SimpleAsyncHTTPClient):
     """A Tornado HTTP client whose :meth:`close` also ends requests in flight.
 
@@ -73,25 +117,11 @@ class _ClosingHTTPClient(simple_httpclient.SimpleAsyncHTTPClient):
     """
 
     def initialize(self, **kwargs: Any) -> None:  # type: ignore[override]
+        kwargs.setdefault("resolver", _LiteralResolver())
         super().initialize(**kwargs)
-        self._connections: set[Any] = set()
+        self._connections: set[_TrackedConnection] = set()
 
     def _connection_class(self) -> type:
-        client = self
-
-        class _TrackedConnection(simple_httpclient._HTTPConnection):
-            def __init__(self, *args: Any, **kwargs: Any) -> None:
-                client._connections.add(self)
-                super().__init__(*args, **kwargs)
-
-            def finish(self) -> None:
-                client._connections.discard(self)
-                super().finish()
-
-            def on_connection_close(self) -> None:
-                client._connections.discard(self)
-                super().on_connection_close()
-
         return _TrackedConnection
 
     def close(self) -> None:
@@ -101,7 +131,7 @@ class _ClosingHTTPClient(simple_httpclient.SimpleAsyncHTTPClient):
         watcher stops its loops first), so there is nobody to tell.
         """
         for connection in list(self._connections):
-            connection.final_callback = None
+            connection.final_callback = None  # type: ignore[assignment]
             remove_timeout = getattr(connection, "_remove_timeout", None)
             if remove_timeout is not None:
                 remove_timeout()
@@ -146,10 +176,13 @@ class _HTTPClient(consul.tornado.HTTPClient):  # type: ignore[misc]
             headers=headers,
             connect_timeout=settings.timeout,
             request_timeout=timeout,
+            follow_redirects=False,  # Consul never redirects; keep the token here
             validate_cert=settings.verify,
             ca_certs=settings.ca_file,
             client_cert=settings.cert_file,
             client_key=settings.key_file,
+            # Small answers: gzip costs both ends more than it saves.
+            decompress_response=False,
         )
         return self._request(callback, request)
 
@@ -262,7 +295,7 @@ class ConsulClient:
         raw_index, checks = await self._health.node(
             node,
             index=str(index) if index else None,
-            wait=f"{round(wait * 1000)}ms" if wait else None,
+            wait=f"{max(1, round(wait * 1000))}ms" if wait else None,
         )
         if checks is None:
             raise ConsulError(f"{path} answered 404: node {node!r} not found")
@@ -292,7 +325,7 @@ class ConsulClient:
         raw_index, entry = await self._kv.get(
             key,
             index=str(index) if index else None,
-            wait=f"{round(wait * 1000)}ms" if wait else None,
+            wait=f"{max(1, round(wait * 1000))}ms" if wait else None,
         )
         consul_index = _index(raw_index, path)
         if entry is None:

@@ -219,17 +219,14 @@ class ConsulWatcher:
         self._ready: asyncio.Event | None = None
         self._snapshot: st.ConsulStatus | None = None
         self._stopped = False
+        self.ready = False
+        """Whether every source has answered or failed at least once."""
 
     @property
     def node(self) -> str | None:
         """The Consul node followed, once known."""
         source = self._followed[0].source
         return source.node if isinstance(source, NodeSource) else None
-
-    @property
-    def ready(self) -> bool:
-        """Whether every source has answered or failed at least once."""
-        return all(f.verdict is not None or f.error for f in self._followed)
 
     @property
     def running(self) -> bool:
@@ -245,6 +242,8 @@ class ConsulWatcher:
         """Start following Consul on the running event loop; idempotent."""
         if self._tasks:
             return
+        if self._stopped:
+            raise RuntimeError("a stopped ConsulWatcher cannot be started again")
         self._loop = asyncio.get_running_loop()
         self._ready = asyncio.Event()
         if self._client is None:
@@ -252,6 +251,15 @@ class ConsulWatcher:
         for followed in self._followed:
             task = self._loop.create_task(self._follow(followed))
             self._tasks.append(task)
+
+    def abandon(self) -> None:
+        """Stop without awaiting: for a watcher whose loop will not run again."""
+        self._stopped = True
+        for task in self._tasks:
+            task.cancel()
+        self._tasks = []
+        if self._client is not None:
+            self._client.close()
 
     async def stop(self) -> None:
         """Stop following Consul and close its connections."""
@@ -268,7 +276,11 @@ class ConsulWatcher:
         """Wait up to ``timeout`` seconds for the first answers; True when ready."""
         if self.ready:
             return True
-        if self._ready is None or timeout <= 0:
+        if (
+            self._ready is None
+            or timeout <= 0
+            or self._loop is not asyncio.get_running_loop()
+        ):
             return False
         try:
             await asyncio.wait_for(self._ready.wait(), timeout)
@@ -309,7 +321,7 @@ class ConsulWatcher:
                     failures += 1
                     if failures == 1:
                         LOGGER.exception("unexpected error following Consul")
-                    self._failed(followed, f"unexpected error: {error!r}")
+                    self._failed(followed, f"unexpected error: {type(error).__name__}")
                     index = 0
                     await asyncio.sleep(_backoff(failures, settings.retry_max))
                     continue
@@ -376,7 +388,11 @@ class ConsulWatcher:
         snapshot = self._compute(now)
         # Only an answer with no error in it is the same whatever the time.
         self._snapshot = snapshot if snapshot.consul == st.CONNECTED else None
-        if self._ready is not None and self.ready:
+        if not self.ready:
+            self.ready = all(
+                f.verdict is not None or f.error is not None for f in self._followed
+            )
+        if self.ready and self._ready is not None:
             self._ready.set()
 
     def _compute(self, now: float) -> st.ConsulStatus:
@@ -391,7 +407,13 @@ class ConsulWatcher:
             age = None if followed.answered_at is None else now - followed.answered_at
             if followed.error is None:
                 state = st.CONNECTED if followed.verdict is not None else st.STARTING
-            elif age is not None and age <= settings.ttl:
+            elif (
+                followed.verdict is not None
+                and followed.failed_at is not None
+                and now - followed.failed_at <= settings.ttl
+            ):
+                # An outage shorter than one TTL is tolerated, whatever the
+                # phase of the blocking wait it interrupted.
                 state = st.UNREACHABLE
             else:
                 state = st.STALE
@@ -445,18 +467,29 @@ def watch(application: web.Application) -> ConsulWatcher:
     running event loop the watcher starts at once; before one runs, it starts
     when the first request arrives.
     """
-    watcher = _WATCHERS.get(application)
-    if watcher is not None and watcher.running:
-        return watcher
-    if watcher is None or watcher._tasks or watcher._stopped:
-        config: Any = application.settings.get(SETTING)
-        watcher = ConsulWatcher(Settings.from_mapping(config))
-        _WATCHERS[application] = watcher
     try:
-        asyncio.get_running_loop()
+        loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
     except RuntimeError:
-        return watcher  # started by the first request, on the server's loop
-    watcher.start()
+        loop = None
+    watcher = _WATCHERS.get(application)
+    if watcher is not None and not watcher._stopped:
+        owner = watcher._loop
+        if owner is loop and loop is not None:
+            return watcher  # the hot path
+        if owner is None:  # made before any loop ran
+            if loop is not None:
+                watcher.start()
+            return watcher
+        if not owner.is_closed() and (loop is None or owner.is_running()):
+            # Asked from another thread, or outside the loop: share the
+            # watcher that follows Consul; never replace (and orphan) it.
+            return watcher
+        watcher.abandon()  # its loop is closed or will not run again
+    config: Any = application.settings.get(SETTING)
+    watcher = ConsulWatcher(Settings.from_mapping(config))
+    _WATCHERS[application] = watcher
+    if loop is not None:
+        watcher.start()
     return watcher
 
 

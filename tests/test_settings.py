@@ -127,3 +127,41 @@ def test_bad_settings_name_their_key(
 ) -> None:
     with pytest.raises(SettingsError, match=names):
         Settings.from_mapping(config, environ=env)  # type: ignore[arg-type]
+
+
+def test_token_file_wins_as_in_consul(tmp_path: pathlib.Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("file-token\n")
+    env = {"CONSUL_HTTP_TOKEN": "env-token", "CONSUL_HTTP_TOKEN_FILE": str(token_file)}
+    assert resolve(**env).token == "file-token"
+    with pytest.raises(SettingsError, match="token or token_file, not both"):
+        resolve({"token": "a", "token_file": str(token_file)})
+
+
+def test_a_token_with_a_line_break_is_refused_without_showing_it(
+    tmp_path: pathlib.Path,
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("AccessorID: s3cr3t-one\nSecretID: s3cr3t-two\n")
+    with pytest.raises(SettingsError) as error:
+        resolve({"token_file": str(token_file)})
+    assert "s3cr3t" not in str(error.value)
+    assert "line breaks" in str(error.value)
+    with pytest.raises(SettingsError) as error:
+        resolve(CONSUL_HTTP_TOKEN="s3cr3t one")
+    assert "s3cr3t" not in str(error.value)
+
+
+def test_environment_never_downgrades_an_https_setting() -> None:
+    settings = resolve({"address": "https://h:8501"}, CONSUL_HTTP_SSL="false")
+    assert settings.scheme == "https"
+    with pytest.raises(SettingsError, match=r"consul_status\['ssl'\] is false"):
+        resolve({"address": "https://h:8501", "ssl": False})
+
+
+def test_ttl_is_bounded_by_consuls_longest_wait() -> None:
+    assert resolve({"ttl": 600}).ttl == 600.0
+    with pytest.raises(SettingsError, match=r"consul_status\['ttl'\] must be at most"):
+        resolve({"ttl": 601})
+    with pytest.raises(SettingsError, match=r"consul_status\['ttl'\]"):
+        resolve({"ttl": 1e308})

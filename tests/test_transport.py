@@ -137,3 +137,32 @@ def test_close_ends_a_waiting_blocking_query(consul_agent: AgentBase) -> None:
             await query
 
     asyncio.run(main())
+
+
+def test_failed_connects_leave_no_connection_behind() -> None:
+    """A refused connection never had a stream: it must not be kept either."""
+    port = free_port()
+
+    async def main() -> None:
+        client = ConsulClient(Settings(port=port))
+        try:
+            for _ in range(20):
+                with pytest.raises(ConsulError):
+                    await client.node_name()
+            assert not client.http.client._connections
+        finally:
+            client.close()
+
+    asyncio.run(main())
+
+
+def test_the_token_does_not_follow_redirects() -> None:
+    client = ConsulClient(Settings(token="s3cr3t"))
+    seen: list[httpclient.HTTPRequest] = []
+
+    async def fake_request(callback: Any, request: httpclient.HTTPRequest) -> None:
+        seen.append(request)
+
+    client.http._request = fake_request
+    asyncio.run(client.http.get(None, "/v1/agent/self"))
+    assert seen[0].follow_redirects is False

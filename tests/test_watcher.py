@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from tornado import web
 
 from sprockets_status_consul import status as st
 from sprockets_status_consul import watcher as watcher_module
@@ -296,3 +297,59 @@ def test_a_cancelled_loop_closes_the_client() -> None:
 
     asyncio.run(main())
     assert consul.closed
+
+
+def test_fail_closed_tolerates_one_ttl_from_the_start_of_the_outage() -> None:
+    """However late in a blocking wait Consul fails, the grace is a whole TTL."""
+
+    async def test(watcher: ConsulWatcher, consul: ScriptedConsul) -> None:
+        consul.answer(5)
+        await until(lambda: watcher.status().consul == st.CONNECTED)
+        await asyncio.sleep(0.25)  # the blocking query has waited most of a TTL
+        consul.fail(ConsulError("cannot reach the agent"))
+        await until(lambda: watcher.status().consul == st.UNREACHABLE)
+        failed = time.monotonic()
+        assert watcher.status().status == st.OK
+        await until(lambda: watcher.status().consul == st.STALE, timeout=2)
+        assert time.monotonic() - failed >= 0.3 * 0.9
+        assert watcher.status().status == st.MAINTENANCE
+
+    run(test, ttl=0.3, retry_max=30.0, failure_mode="closed")
+
+
+def test_a_stopped_watcher_cannot_start_again() -> None:
+    async def main() -> None:
+        watcher = ConsulWatcher(Settings(), client=ScriptedConsul())  # type: ignore[arg-type]
+        watcher.start()
+        await watcher.stop()
+        with pytest.raises(RuntimeError, match="cannot be started again"):
+            watcher.start()
+
+    asyncio.run(main())
+
+
+def test_watch_outside_the_loop_shares_the_running_watcher() -> None:
+    """Asked from another thread, watch() neither replaces nor orphans it."""
+
+    async def main() -> None:
+        app = web.Application(consul_status={"address": "127.0.0.1:1"})
+        watcher = watcher_module.watch(app)
+        from_thread = await asyncio.to_thread(watcher_module.watch, app)
+        assert from_thread is watcher
+        assert watcher_module.watch(app) is watcher
+        await watcher_module.stop(app)
+        assert not watcher._tasks
+
+    asyncio.run(main())
+
+
+def test_watch_replaces_a_watcher_whose_loop_is_gone() -> None:
+    app = web.Application(consul_status={"address": "127.0.0.1:1"})
+
+    async def first() -> ConsulWatcher:
+        return watcher_module.watch(app)
+
+    old = asyncio.run(first())
+    new = asyncio.run(first())
+    assert new is not old
+    assert old._stopped
