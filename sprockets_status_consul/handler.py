@@ -48,6 +48,11 @@ def _version(name: str | None) -> str:
         return "unknown"
 
 
+def _application_check(status: str) -> list[dict[str, Any]]:
+    """The health+json check of the application's own status."""
+    return health.check(health.PASS if status == OK else health.FAIL, status)
+
+
 class StatusHandler(web.RequestHandler):
     """Reports the application's status: 200 for ok, 503 for maintenance.
 
@@ -59,6 +64,8 @@ class StatusHandler(web.RequestHandler):
     :meth:`_status_response` and :meth:`_status_response_code`, as with the
     original handler.
     """
+
+    SUPPORTED_METHODS = ("GET", "HEAD")
 
     def set_default_headers(self) -> None:
         self.set_header("Cache-Control", "no-store")
@@ -80,6 +87,8 @@ class StatusHandler(web.RequestHandler):
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """Errors (405 for other methods, say) answer JSON too."""
+        if status_code == 405:
+            self.set_header("Allow", ", ".join(self.SUPPORTED_METHODS))
         self.finish({"error": self._reason, "code": status_code})
 
     def _application_status(self) -> str:
@@ -105,12 +114,7 @@ class StatusHandler(web.RequestHandler):
 
     def _health_checks(self) -> dict[str, list[dict[str, Any]]]:
         """The ``checks`` of the health+json answer: here, the application's."""
-        status = str(getattr(self.application, "status", OK))
-        return {
-            "application:status": health.check(
-                health.PASS if status == OK else health.FAIL, status
-            )
-        }
+        return {"application:status": _application_check(self._application_status())}
 
     def _health_response(self) -> dict[str, Any]:
         """The answer in the ``application/health+json`` format."""
@@ -169,8 +173,13 @@ class ConsulStatusHandler(StatusHandler):
     """
 
     consul_status: ConsulStatus
+    """What the application's watcher said when the request came in."""
+
+    own_status: str
+    """What the application itself says (``application.status``)."""
 
     def prepare(self) -> Awaitable[None] | None:
+        self.own_status = super()._application_status()
         try:
             watcher = watch(self.application)
         except SettingsError as error:
@@ -188,16 +197,15 @@ class ConsulStatusHandler(StatusHandler):
         self.consul_status = watcher.status()
 
     def _application_status(self) -> str:
-        status = super()._application_status()
-        if status != OK:
-            return status
+        if self.own_status != OK:
+            return self.own_status
         return self.consul_status.status
 
     def _status_response(self) -> dict[str, Any]:
         body = super()._status_response()
         consul = self.consul_status
         body["consul"] = consul.consul
-        if super()._application_status() != OK:
+        if self.own_status != OK:
             body["source"] = "application"
         elif consul.status != OK:
             body["source"] = consul.source
@@ -207,7 +215,7 @@ class ConsulStatusHandler(StatusHandler):
         return body
 
     def _health_checks(self) -> dict[str, list[dict[str, Any]]]:
-        checks = super()._health_checks()
+        checks = {"application:status": _application_check(self.own_status)}
         for source in self.consul_status.sources:
             if source.maintenance:
                 status = health.FAIL

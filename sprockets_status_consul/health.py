@@ -19,15 +19,16 @@ FAIL = "fail"
 
 def wanted(accept: str) -> bool:
     """Whether an ``Accept`` header asks for ``application/health+json``."""
+    accept = accept.lower()
     if "health+json" not in accept:  # the common case, decided at once
         return False
     for media_range in accept.split(","):
         media_type, _, parameters = media_range.partition(";")
-        if media_type.strip().lower() != MEDIA_TYPE:
+        if media_type.strip() != MEDIA_TYPE:
             continue
         for parameter in parameters.split(";"):
             name, _, value = parameter.partition("=")
-            if name.strip().lower() == "q":
+            if name.strip() == "q":
                 try:
                     return float(value) > 0
                 except ValueError:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import logging
 from typing import Any
+from unittest import mock
 
 import pytest
-from tornado import testing, web
+from tornado import httputil, testing, web
 
 import sprockets_status_consul as ssc
 from sprockets_status_consul import handler as handler_module
@@ -209,12 +210,63 @@ class BadSettingTests(testing.AsyncHTTPTestCase):
         assert "consul_status['ttl']" in logs.records[0].getMessage()
 
 
-def test_handler_reads_memory_only() -> None:
-    """With an answer in memory, prepare returns nothing to wait for."""
-    watcher = ConsulWatcher(Settings())
-    watcher._changed(0.0)  # no source answered: not ready
-    assert not watcher.ready
-    watcher._followed[0].verdict = st.NOT_IN_MAINTENANCE
-    watcher._changed(0.0)
-    assert watcher.ready
-    assert watcher.status() is watcher.status()  # the cached snapshot
+class MemoryOnlyTests(testing.AsyncHTTPTestCase):
+    """Once Consul has answered, requests never wait on it again."""
+
+    def get_app(self) -> web.Application:
+        app = web.Application([(r"/status", ssc.ConsulStatusHandler)])
+        self.consul = ScriptedConsul()
+        settings = Settings(startup_wait=0.2)
+        self.watcher = ConsulWatcher(settings, client=self.consul)  # type: ignore[arg-type]
+        _WATCHERS[app] = self.watcher
+        return app
+
+    def test_requests_read_memory_while_the_blocking_query_waits(self) -> None:
+        self.consul.answer(3, maint("before"))
+        assert self.fetch("/status").code == 503
+        # The blocking query now waits for an answer that never comes.
+        assert len(self.consul.calls) == 2
+        for _ in range(50):
+            started = self.io_loop.time()
+            assert self.fetch("/status").code == 503
+            assert self.io_loop.time() - started < 0.15  # well under startup_wait
+        assert len(self.consul.calls) == 2
+
+    def test_prepare_returns_nothing_to_wait_for_once_ready(self) -> None:
+        self.consul.answer(3)
+        assert self.fetch("/status").code == 200
+        request = httputil.HTTPServerRequest(
+            start_line=httputil.RequestStartLine("GET", "/status", "HTTP/1.1"),
+            headers=httputil.HTTPHeaders({"Host": "localhost"}),
+        )
+        request.connection = mock.Mock()
+        handler = ssc.ConsulStatusHandler(self._app, request)
+        assert handler.prepare() is None
+        assert handler.consul_status is self.watcher.status()
+
+
+class HealthHookTests(testing.AsyncHTTPTestCase):
+    def get_app(self) -> web.Application:
+        return web.Application([(r"/status", SeedHooks)])
+
+    def test_health_json_follows_the_hooks(self) -> None:
+        response = self.fetch(
+            "/status?status=maintenance",
+            headers={"Accept": "Application/Health+JSON"},
+        )
+        assert response.code == 503
+        assert response.headers["Content-Type"] == "application/health+json"
+        body = json.loads(response.body)
+        assert body["status"] == "fail"
+        assert body["checks"]["application:status"][0]["status"] == "fail"
+
+
+class AllowTests(testing.AsyncHTTPTestCase):
+    def get_app(self) -> web.Application:
+        return web.Application([(r"/status", ssc.ConsulStatusHandler)])
+
+    def test_405_names_the_allowed_methods(self) -> None:
+        response = self.fetch("/status", method="DELETE")
+        assert response.code == 405
+        assert response.headers["Allow"] == "GET, HEAD"
+        assert response.headers["Vary"] == "Accept"
