@@ -1,7 +1,8 @@
 """Talking to the Consul agent: python-consul2's endpoints over Tornado's HTTP client.
 
-python-consul2's Tornado client is used for what it does well (building the
-requests and the ACL token header) with three changes the watcher needs:
+python-consul2 builds the requests and reads the answers (its ``Agent``,
+``Health`` and ``KV`` endpoints); the HTTP client under them is its Tornado
+client with four changes the watcher needs:
 
 * every request carries a timeout that follows the blocking query's ``wait``
   (python-consul2 leaves Tornado's 20 s default, which ends any longer wait
@@ -9,7 +10,10 @@ requests and the ACL token header) with three changes the watcher needs:
 * the client owns its connections, so :meth:`ConsulClient.close` really closes
   a blocking query that is still waiting;
 * every failure comes out as one :class:`ConsulError` whose message is fit for
-  a log line: it names the agent and the problem, and never the token.
+  a log line: it names the agent and the problem, and never the token;
+* python-consul2's ``consul/base.py`` is loaded on its own, without the
+  ``consul`` package whose ``__init__`` imports ``requests`` (6.5 MiB of
+  memory per process for a client never used here).
 
 Settings are already resolved (see :mod:`.settings`), so the environment
 variables python-consul2 reads on its own (and lets override its arguments)
@@ -19,18 +23,49 @@ play no part here.
 from __future__ import annotations
 
 import contextvars
+import importlib.util
 import ipaddress
 import logging
+import os
 import socket
 import ssl
+import sys
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-import consul.base
-import consul.tornado
 from tornado import httpclient, iostream, netutil, simple_httpclient
 
 from .settings import Settings
+
+
+def _load_consul_base() -> Any:
+    """python-consul2's ``consul.base``, without the ``consul`` package.
+
+    ``import consul.base`` runs ``consul/__init__.py``, which imports the
+    ``requests`` client (``consul.std``): 6.5 MiB of resident memory per
+    process for a library this one never uses. ``consul/base.py`` itself
+    needs only the standard library and ``six``, so it is loaded on its own,
+    as a private module; python-consul2 stays the dependency that builds the
+    requests.
+    """
+    name = "sprockets_status_consul._consul_base"
+    module = sys.modules.get(name)
+    if module is not None:
+        return module
+    package = importlib.util.find_spec("consul")
+    if package is None or package.origin is None:
+        raise ImportError("python-consul2 is not installed (no 'consul' package)")
+    path = os.path.join(os.path.dirname(package.origin), "base.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load python-consul2's {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+consul_base = _load_consul_base()
 
 _CONSUL_IO: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "sprockets_status_consul_io", default=False
@@ -142,11 +177,14 @@ class _ClosingHTTPClient(simple_httpclient.SimpleAsyncHTTPClient):
         super().close()
 
 
-class _HTTPClient(consul.tornado.HTTPClient):  # type: ignore[misc]
+_ConsulHTTPClient: Any = consul_base.HTTPClient
+
+
+class _HTTPClient(_ConsulHTTPClient):  # type: ignore[misc]
     """python-consul2's Tornado HTTP client with timeouts, TLS and clean errors."""
 
     def __init__(self, settings: Settings) -> None:
-        consul.base.HTTPClient.__init__(
+        consul_base.HTTPClient.__init__(
             self,
             host=settings.host,
             port=settings.port,
@@ -156,9 +194,22 @@ class _HTTPClient(consul.tornado.HTTPClient):  # type: ignore[misc]
         self.settings = settings
         self.client = _ClosingHTTPClient(force_instance=True)
 
+    @staticmethod
+    def response(response: httpclient.HTTPResponse) -> Any:
+        """python-consul2's ``Response`` of a Tornado answer (as consul.tornado)."""
+        body = response.body or b""
+        return consul_base.Response(
+            response.code, response.headers, body.decode("utf-8"), body
+        )
+
+    def _read_only(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("the watcher only reads from Consul")
+
+    put = delete = post = _read_only
+
     def get(
         self,
-        callback: Callable[[consul.base.Response], Any],
+        callback: Callable[[Any], Any],
         path: str,
         params: Iterable[tuple[str, Any]] | None = None,
         headers: dict[str, str] | None = None,
@@ -188,7 +239,7 @@ class _HTTPClient(consul.tornado.HTTPClient):  # type: ignore[misc]
 
     async def _request(
         self,
-        callback: Callable[[consul.base.Response], Any],
+        callback: Callable[[Any], Any],
         request: httpclient.HTTPRequest,
     ) -> Any:
         path = request.url.split("?", 1)[0][len(self.base_uri) :]
@@ -214,12 +265,12 @@ class _HTTPClient(consul.tornado.HTTPClient):  # type: ignore[misc]
             _CONSUL_IO.reset(marked)
         try:
             return callback(self.response(response))
-        except consul.base.ACLPermissionDenied as error:
+        except consul_base.ACLPermissionDenied as error:
             raise ConsulError(
                 f"{self.base_uri}{path} answered 403 (ACL: permission denied, "
                 f"check the token): {self._text(error)}"
             ) from None
-        except consul.base.ConsulException as error:
+        except consul_base.ConsulException as error:
             raise ConsulError(
                 f"{self.base_uri}{path} answered {self._text(error)}"
             ) from None
@@ -258,9 +309,9 @@ class ConsulClient:
         self.token = settings.token
         self.dc = None
         self.consistency = "default"
-        self._agent = consul.base.Consul.Agent(self)
-        self._health = consul.base.Consul.Health(self)
-        self._kv = consul.base.Consul.KV(self)
+        self._agent = consul_base.Consul.Agent(self)
+        self._health = consul_base.Consul.Health(self)
+        self._kv = consul_base.Consul.KV(self)
 
     async def node_name(self) -> str:
         """The node name of the agent this client talks to."""
