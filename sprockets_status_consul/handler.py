@@ -15,7 +15,7 @@ import logging
 from collections.abc import Awaitable
 from typing import Any
 
-from tornado import web
+from tornado import escape, web
 
 from . import health
 from .settings import SettingsError
@@ -46,6 +46,29 @@ def _version(name: str | None) -> str:
         return importlib.metadata.version(name)
     except (importlib.metadata.PackageNotFoundError, ValueError):
         return "unknown"
+
+
+_ENCODED: dict[tuple[tuple[str, Any], ...], bytes] = {}
+
+
+def _encoded(body: dict[str, Any]) -> bytes:
+    """``body`` as JSON bytes, as ``RequestHandler.write`` would encode it.
+
+    Status answers repeat: while nothing changes every request has the same
+    body, so the encoding is remembered (for a few hundred distinct bodies;
+    bodies with values that cannot be hashed are encoded every time).
+    """
+    try:
+        key = tuple(body.items())
+        return _ENCODED[key]
+    except KeyError:
+        pass
+    except TypeError:
+        return escape.utf8(escape.json_encode(body))
+    if len(_ENCODED) >= 256:
+        _ENCODED.clear()
+    encoded = _ENCODED[key] = escape.utf8(escape.json_encode(body))
+    return encoded
 
 
 def _application_check(status: str) -> list[dict[str, Any]]:
@@ -81,7 +104,8 @@ class StatusHandler(web.RequestHandler):
             self.set_header("Content-Type", health.MEDIA_TYPE)
             self.write(json.dumps(self._health_response()))
         else:
-            self.write(self._status_response())
+            self.set_header("Content-Type", "application/json; charset=UTF-8")
+            self.write(_encoded(self._status_response()))
 
     head = get
 

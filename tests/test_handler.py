@@ -270,3 +270,16 @@ class AllowTests(testing.AsyncHTTPTestCase):
         assert response.code == 405
         assert response.headers["Allow"] == "GET, HEAD"
         assert response.headers["Vary"] == "Accept"
+
+
+def test_encoded_bodies_match_tornados_encoding_and_stay_bounded() -> None:
+    from tornado import escape
+
+    body = {"application": "a</script>", "status": "ok", "consul_age": 1.5}
+    assert handler_module._encoded(body) == escape.utf8(escape.json_encode(body))
+    assert handler_module._encoded(dict(body)) is handler_module._encoded(body)
+    nested = {"status": "ok", "extra": {"a": [1]}}
+    assert json.loads(handler_module._encoded(nested)) == nested
+    for n in range(1000):
+        handler_module._encoded({"n": n})
+    assert len(handler_module._ENCODED) <= 256

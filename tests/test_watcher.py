@@ -288,14 +288,15 @@ def test_stop_ends_the_loop_and_closes_the_client() -> None:
 
 def test_a_cancelled_loop_closes_the_client() -> None:
     """asyncio.run cancels what is left: the watcher closes its connections."""
-    consul = ScriptedConsul()
 
-    async def main() -> None:
+    async def main() -> ScriptedConsul:
+        consul = ScriptedConsul()
         watcher = ConsulWatcher(Settings(), client=consul)  # type: ignore[arg-type]
         watcher.start()
         await until(lambda: len(consul.calls) == 1)
+        return consul
 
-    asyncio.run(main())
+    consul = asyncio.run(main())
     assert consul.closed
 
 
