@@ -1,0 +1,211 @@
+"""One backend process of the benchmark: ``/status`` and nothing else.
+
+::
+
+    python -m bench.backends --kind watch --consul 127.0.0.1:8500
+
+Kinds, all answering the same JSON body with the same headers (the run checks
+that they do, see ``answers_differ`` in :mod:`bench.run`):
+
+``plain``
+    a plain Tornado handler writing the JSON, no Consul: the limit. The
+    process imports neither the library nor python-consul2.
+``plain-import``
+    the same handler in a process that also imports the library (and so
+    python-consul2): tells the cost of the imports from that of the watcher.
+``seed``
+    what users wrote from the old docs: python-consul2's Tornado client asks
+    ``health.node(...)`` in ``prepare`` on every request, 503 while the
+    ``_node_maintenance`` check is critical.
+``poll``
+    :class:`~sprockets_status_consul.ConsulStatusHandler` with TTL-only polling,
+    ``consul_status={"blocking": False}``.
+``watch``
+    :class:`~sprockets_status_consul.ConsulStatusHandler` with its defaults.
+
+The process listens on a free loopback port and prints ``ready PORT PID`` once
+it can answer (for ``poll`` and ``watch``, once the watcher has Consul's first
+answer). SIGTERM or SIGINT stops it cleanly, exit code 0. Requests are not
+logged (``log_function`` is a no-op for every kind alike).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.metadata
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from tornado import httpserver, netutil, web
+
+APPLICATION = "sprockets-status-consul"
+"""The application name every kind reports, and whose version it reports."""
+
+KINDS = ("plain", "plain-import", "seed", "poll", "watch")
+
+NODE_MAINTENANCE_CHECK = "_node_maintenance"
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version(APPLICATION)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+VERSION = _version()
+
+
+def _no_log(handler: web.RequestHandler) -> None:
+    """Tornado's ``log_function``: no access log, for every kind alike."""
+
+
+class PlainStatusHandler(web.RequestHandler):
+    """Writes what ``ConsulStatusHandler`` writes when all is well, headers too."""
+
+    def set_default_headers(self) -> None:
+        self.set_header("Cache-Control", "no-store")
+        self.set_header("Vary", "Accept")
+
+    def compute_etag(self) -> None:
+        return None  # as the library's handler: no ETag
+
+    def get(self) -> None:
+        self.write(
+            {
+                "application": APPLICATION,
+                "status": "ok",
+                "version": VERSION,
+                "consul": "connected",
+            }
+        )
+
+
+class SeedStatusHandler(web.RequestHandler):
+    """The handler users wrote from the old docs: ask Consul on every request.
+
+    The application settings hold ``seed_consul``, a python-consul2 Tornado
+    client made once per process, and ``seed_node``, the node to ask about.
+    An error from Consul is a 500, as it was.
+    """
+
+    reason: str | None = None
+
+    def set_default_headers(self) -> None:
+        self.set_header("Cache-Control", "no-store")
+        self.set_header("Vary", "Accept")
+
+    def compute_etag(self) -> None:
+        return None  # as the library's handler: no ETag
+
+    async def prepare(self) -> None:
+        client: Any = self.settings["seed_consul"]
+        _, checks = await client.health.node(self.settings["seed_node"])
+        for check in checks or ():
+            if (
+                check.get("CheckID") == NODE_MAINTENANCE_CHECK
+                and check.get("Status") == "critical"
+            ):
+                self.reason = check.get("Notes") or "node maintenance"
+
+    def get(self) -> None:
+        body: dict[str, Any] = {
+            "application": APPLICATION,
+            "status": "ok",
+            "version": VERSION,
+            "consul": "connected",
+        }
+        if self.reason is not None:
+            self.set_status(503)
+            body.update(status="maintenance", source="node", reason=self.reason)
+        self.write(body)
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+async def _node_name(client: Any) -> str:
+    answer = await client.agent.self()
+    return str(answer["Config"]["NodeName"])
+
+
+async def make_app(kind: str, address: str) -> tuple[web.Application, Any]:
+    """The application of ``kind``, ready to answer; and what to stop with it."""
+    if kind in ("plain", "plain-import"):
+        if kind == "plain-import":
+            import sprockets_status_consul  # noqa: F401
+        return web.Application(
+            [(r"/status", PlainStatusHandler)], log_function=_no_log
+        ), None
+    if kind == "seed":
+        import consul.tornado
+
+        host, port = _split_address(address)
+        client = consul.tornado.Consul(host=host, port=port)
+        app = web.Application(
+            [(r"/status", SeedStatusHandler)],
+            log_function=_no_log,
+            seed_consul=client,
+            seed_node=await _node_name(client),
+        )
+        return app, None
+    if kind not in ("poll", "watch"):
+        raise ValueError(f"unknown kind {kind!r}")
+    import sprockets_status_consul as ssc
+
+    settings: dict[str, Any] = {"address": address}
+    if kind == "poll":
+        settings["blocking"] = False
+    app = web.Application(
+        [(r"/status", ssc.ConsulStatusHandler)],
+        log_function=_no_log,
+        consul_status=settings,
+    )
+    ssc.set_application(APPLICATION)
+    watcher = ssc.watch(app)
+    if not await watcher.wait_ready(10.0):
+        raise RuntimeError(f"no answer from Consul at {address} in 10 s")
+    return app, ssc.stop
+
+
+async def serve(kind: str, consul: str) -> None:
+    app, stop = await make_app(kind, consul)
+    sockets = netutil.bind_sockets(0, "127.0.0.1")
+    server = httpserver.HTTPServer(app)
+    server.add_sockets(sockets)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    print(f"ready {sockets[0].getsockname()[1]} {os.getpid()}", flush=True)
+    await stopping.wait()
+    server.stop()
+    await server.close_all_connections()
+    if stop is not None:
+        await stop(app)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.backends",
+        description="A benchmark backend process serving /status.",
+    )
+    parser.add_argument("--kind", choices=KINDS, required=True)
+    parser.add_argument(
+        "--consul", required=True, help="the Consul agent (or proxy), host:port"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s %(message)s")
+    asyncio.run(serve(args.kind, args.consul))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
