@@ -102,6 +102,10 @@ def _seconds(duration: str) -> float:
     return int(duration[:-2]) / 1000.0
 
 
+_STALE_READS = ("/v1/health/", "/v1/kv/")
+"""Paths read with ``?stale``: the watcher's queries, which need no leader."""
+
+
 class _LiteralResolver(netutil.Resolver):
     """Answers an IP address at once; asks the default resolver for a name.
 
@@ -215,6 +219,10 @@ class _HTTPClient(_ConsulHTTPClient):  # type: ignore[misc]
         headers: dict[str, str] | None = None,
     ) -> Awaitable[Any]:
         params = list(params or ())
+        if path.startswith(_STALE_READS):
+            # Any server may answer, as consul-template reads by default: a
+            # cluster electing a leader keeps answering, a few ms behind.
+            params.append(("stale", "1"))
         wait = dict(params).get("wait")
         timeout = self.settings.timeout
         if wait is not None:

@@ -43,6 +43,9 @@ def test_request_timeout_follows_wait() -> None:
     assert blocking.request_timeout == pytest.approx(2.0 + 60 * 17 / 16)
     assert blocking.connect_timeout == plain.connect_timeout == 2.0
     assert plain.request_timeout == 2.0
+    # The watcher's reads need no leader: any server may answer them.
+    assert "stale=1" in blocking.url
+    assert "stale" not in plain.url
 
 
 def test_node_name_and_checks(consul_agent: AgentBase) -> None:
