@@ -20,7 +20,8 @@ from tornado import httpclient, web
 import sprockets_status_consul as ssc
 
 from .consul_agent import AgentBase, free_port, wait_for
-from .test_integration import ROOT, all_answer, backends, get_status, serving
+from .fault_support import ROOT
+from .test_integration import all_answer, backends, get_status, serving
 
 HEALTH = {"Accept": "application/health+json"}
 

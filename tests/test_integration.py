@@ -12,13 +12,10 @@ import contextlib
 import json
 import logging
 import os
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,9 +24,8 @@ from tornado import httpclient, web
 import sprockets_status_consul as ssc
 from sprockets_status_consul.watcher import _WATCHERS
 
+from . import fault_support
 from .consul_agent import AgentBase, free_port, wait_for
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def get_status(port: int) -> tuple[int, dict[str, Any]]:
@@ -47,54 +43,15 @@ def get_status(port: int) -> tuple[int, dict[str, Any]]:
 def backends(
     count: int, agent: AgentBase, settings: dict[str, Any] | None = None
 ) -> Iterator[list[int]]:
-    """Start ``count`` backend processes following ``agent``; yield their ports."""
-    env = {**os.environ, "CONSUL_HTTP_ADDR": agent.http_addr, "PYTHONPATH": str(ROOT)}
-    env.pop("CONSUL_HTTP_TOKEN", None)
-    if agent.token:
-        env["CONSUL_HTTP_TOKEN"] = agent.token
-    processes: list[subprocess.Popen[str]] = []
-    ports: list[int] = []
-    try:
-        for _ in range(count):
-            port = free_port()
-            processes.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "tests.backend",
-                        "--port",
-                        str(port),
-                        "--settings",
-                        json.dumps(settings or {}),
-                    ],
-                    cwd=ROOT,
-                    env=env,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                )
-            )
-            ports.append(port)
-        for process in processes:
-            assert process.stdout is not None
-            assert process.stdout.readline().strip() == "ready"
-        yield ports
-    finally:
-        outputs = []
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            try:
-                _, stderr = process.communicate(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                _, stderr = process.communicate()
-            outputs.append((process.returncode, stderr))
-    for returncode, stderr in outputs:
-        assert returncode == 0, stderr
-        assert "Traceback" not in stderr, stderr
-        assert "Task was destroyed" not in stderr, stderr
+    """Start ``count`` backend processes following ``agent``; yield their ports.
+
+    On exit each must stop cleanly on SIGTERM (see ``fault_support.backends``).
+    """
+    env = {"CONSUL_HTTP_TOKEN": agent.token} if agent.token else None
+    with fault_support.backends(
+        agent.http_addr, [settings or {}] * count, env=env
+    ) as started:
+        yield [backend.port for backend in started]
 
 
 def all_answer(ports: list[int], code: int, reason: str | None = None) -> bool:
