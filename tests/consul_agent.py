@@ -926,9 +926,17 @@ class DevAgent(AgentBase):
             try:
                 proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                proc.wait(timeout=10.0)
+                self._reap(proc)
+        self._forget()
+
+    def _reap(self, proc: subprocess.Popen[bytes]) -> None:
+        """SIGKILL ``proc`` and wait for it."""
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait(timeout=10.0)
+
+    def _forget(self) -> None:
+        """No longer running: not paused, not among the agents to clean up."""
         self._paused = False
         with _LIVE_LOCK:
             _LIVE_AGENTS.discard(self)
@@ -952,12 +960,8 @@ class DevAgent(AgentBase):
         until :meth:`stop` or the next :meth:`start`."""
         proc = self._proc
         if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            proc.wait(timeout=10.0)
-        self._paused = False
-        with _LIVE_LOCK:
-            _LIVE_AGENTS.discard(self)
+            self._reap(proc)
+        self._forget()
 
     def pause(self) -> None:
         """SIGSTOP: the agent stops answering (connections hang, not refused)."""

@@ -154,6 +154,15 @@ def _short(warning: str) -> str:
     return warning.split(WARNING_TEXT, 1)[-1][:150]
 
 
+def log_summary(logs: Logs) -> dict[str, Any]:
+    """What a fault's measurement says of the backends' logs."""
+    return {
+        "warnings_per_backend": [len(w) for w in logs.warnings],
+        "warnings": [_short(w) for w in logs.warnings[0]],
+        "tornado_lines": len(logs.tornado),
+    }
+
+
 def assert_p99(name: str, p99_ms: float) -> None:
     limit = p99_limit_ms()
     assert p99_ms < limit, f"{name}: p99 {p99_ms} ms >= {limit} ms"
@@ -204,9 +213,7 @@ def test_agent_hung_by_sigstop(make_dev_agent: MakeAgent, record: Record) -> Non
         down_s=round(down_for, 3),
         converge_s=round(converge, 3),
         maintenance_after_s=round(follow, 3),
-        warnings_per_backend=[len(w) for w in logs.warnings],
-        warnings=[_short(w) for w in logs.warnings[0]],
-        tornado_lines=len(logs.tornado),
+        **log_summary(logs),
         **during.summary(),
     )
 
@@ -263,9 +270,7 @@ def test_agent_killed_and_restarted_empty(
         agent_ready_s=round(agent_ready, 3),
         maintenance_after_s=round(follow, 3),
         converge_from_restart_s=round(converge, 3),
-        warnings_per_backend=[len(w) for w in logs.warnings],
-        warnings=[_short(w) for w in logs.warnings[0]],
-        tornado_lines=len(logs.tornado),
+        **log_summary(logs),
         **during.summary(),
     )
 
@@ -310,9 +315,7 @@ def test_agent_absent_at_start_then_appears_in_maintenance(
         "fault.absent_at_start",
         detect_s=round(detect, 3),
         converge_s=round(converge, 3),
-        warnings_per_backend=[len(w) for w in logs.warnings],
-        warnings=[_short(w) for w in logs.warnings[0]],
-        tornado_lines=len(logs.tornado),
+        **log_summary(logs),
         **during.summary(),
     )
 
