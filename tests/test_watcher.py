@@ -101,7 +101,11 @@ def test_first_query_does_not_block_then_blocks_on_the_index() -> None:
         assert watcher.node == "node-1"
 
     consul = run(test, ttl=3.0)
-    assert [(c[1], c[2]) for c in consul.calls] == [(0, None), (7, 3.0)]
+    assert [c[1] for c in consul.calls] == [0, 7]
+    assert consul.calls[0][2] is None
+    wait = consul.calls[1][2]
+    assert wait is not None
+    assert 3.0 * (1 - watcher_module.WAIT_JITTER) <= wait <= 3.0
     assert consul.name_calls == 1
     assert consul.closed
 
@@ -127,6 +131,7 @@ def test_maintenance_follows_the_check_with_its_reason() -> None:
         assert (status.source, status.reason) == ("node", "deploy 42")
         consul.answer(12, {**maint(), "Status": "passing"})
         await until(lambda: watcher.status().status == st.OK)
+        await until(lambda: len(consul.calls) == 4)
 
     consul = run(test)
     assert [c[1] for c in consul.calls] == [0, 5, 9, 12]
@@ -161,16 +166,35 @@ def test_index_zero_is_never_blocked_on() -> None:
     assert consul.calls[1][1] == 1
 
 
-def test_an_unchanged_early_answer_is_not_asked_again_at_once() -> None:
+@pytest.mark.parametrize("indexes", [(5, 5, 5, 5), (5, 6, 7, 8)])
+def test_blocking_queries_of_a_source_are_never_closer_than_the_interval(
+    indexes: tuple[int, ...],
+) -> None:
+    """Unchanged or not, an early answer is not followed by a query at once."""
+
     async def test(watcher: ConsulWatcher, consul: ScriptedConsul) -> None:
-        consul.answer(5)
-        consul.answer(5)
-        consul.answer(5)
-        await until(lambda: len(consul.calls) == 4)
+        for index in indexes:
+            consul.answer(index)
+        await until(lambda: len(consul.calls) == len(indexes) + 1)
 
     consul = run(test)
-    gaps = [b[3] - a[3] for a, b in zip(consul.calls[1:], consul.calls[2:])]
-    assert min(gaps) >= watcher_module.MIN_INTERVAL * 0.9
+    # From the first blocking query on (the first, not blocking, is let go).
+    starts = [c[3] for c in consul.calls[1:]]
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert min(gaps) >= watcher_module.MIN_QUERY_INTERVAL
+    assert max(gaps) < 1.0
+
+
+def test_the_blocking_wait_is_jittered_below_the_ttl() -> None:
+    async def test(watcher: ConsulWatcher, consul: ScriptedConsul) -> None:
+        for index in range(5, 10):
+            consul.answer(index)
+        await until(lambda: len(consul.calls) == 6)
+
+    consul = run(test, ttl=10.0)
+    waits = [c[2] for c in consul.calls[1:]]
+    assert all(w is not None and 9.0 <= w <= 10.0 for w in waits), waits
+    assert len(set(waits)) == len(waits)
 
 
 def test_errors_keep_the_last_answer_then_go_stale(
@@ -249,6 +273,24 @@ def test_a_bug_is_logged_once_and_the_loop_goes_on(
     with caplog.at_level(logging.INFO, logger="sprockets_status_consul"):
         run(test, retry_max=0.01)
     assert caplog.text.count("Traceback") == 1
+
+
+def test_the_first_bug_of_each_kind_is_logged_even_after_consul_errors(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def test(watcher: ConsulWatcher, consul: ScriptedConsul) -> None:
+        consul.fail(ConsulError("cannot reach the agent"))
+        consul.fail(RuntimeError("surprise"))
+        consul.fail(RuntimeError("surprise again"))
+        consul.fail(KeyError("Checks"))
+        consul.answer(4)
+        await until(lambda: watcher.status().consul == st.CONNECTED)
+
+    with caplog.at_level(logging.INFO, logger="sprockets_status_consul"):
+        run(test, retry_max=0.01)
+    tracebacks = [r.exc_info[1] for r in caplog.records if r.exc_info]
+    assert [type(e) for e in tracebacks] == [RuntimeError, KeyError]
+    assert str(tracebacks[0]) == "surprise"
 
 
 def test_ttl_polling_without_blocking_queries() -> None:
