@@ -8,8 +8,13 @@ is covered by the integration tests against a real agent.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import gc
 import logging
+import os
+import pathlib
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -18,9 +23,11 @@ from tornado import web
 
 from sprockets_status_consul import status as st
 from sprockets_status_consul import watcher as watcher_module
-from sprockets_status_consul.settings import Settings
-from sprockets_status_consul.transport import Check, ConsulError
+from sprockets_status_consul.settings import Settings, SettingsError
+from sprockets_status_consul.transport import Check, ConsulClient, ConsulError
 from sprockets_status_consul.watcher import ConsulWatcher
+
+from .consul_agent import AgentBase, free_port
 
 SERF = {"CheckID": "serfHealth", "Status": "passing", "Notes": ""}
 
@@ -396,3 +403,254 @@ def test_watch_replaces_a_watcher_whose_loop_is_gone() -> None:
     new = asyncio.run(first())
     assert new is not old
     assert old._stopped
+
+
+# The lifecycle: watch(), current(), stop() ----------------------------------
+
+
+def dead_end_app(**settings: Any) -> web.Application:
+    """An application whose Consul address has nothing listening."""
+    return web.Application(
+        consul_status={"address": f"127.0.0.1:{free_port()}", **settings}
+    )
+
+
+def test_a_watcher_that_fails_to_start_is_logged_once_and_tried_again(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As on Tornado 6.1, where making the client raised: never a dead watcher."""
+
+    class Unbuildable:
+        def __init__(self, settings: Settings) -> None:
+            raise AttributeError("module 'tornado.netutil' has no attribute 'X'")
+
+    async def main() -> None:
+        app = dead_end_app(failure_mode="closed")
+        monkeypatch.setattr(watcher_module, "ConsulClient", Unbuildable)
+        for _ in range(3):
+            watcher = watcher_module.current(app)
+            assert not watcher.running
+            assert watcher.status().consul == st.STARTING
+            assert await watcher.wait_ready(5) is False  # at once, no wait
+        monkeypatch.undo()
+        watcher = watcher_module.current(app)
+        assert watcher.running
+        assert watcher_module.current(app) is watcher
+        await watcher_module.stop(app)
+
+    with caplog.at_level(logging.INFO, logger="sprockets_status_consul"):
+        asyncio.run(asyncio.wait_for(main(), 2))
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    assert "cannot start following Consul" in errors[0].getMessage()
+
+
+def test_after_stop_the_last_state_is_answered_and_nothing_starts() -> None:
+    async def main() -> None:
+        consul = ScriptedConsul()
+        app = web.Application()
+        with watcher_module.replaced(app, ConsulWatcher(Settings(), client=consul)):  # type: ignore[arg-type]
+            watcher = watcher_module.current(app)
+            consul.answer(5, maint("deploy 42"))
+            await until(lambda: watcher.status().status == st.MAINTENANCE)
+            await watcher_module.stop(app)
+            for _ in range(3):
+                assert watcher_module.current(app) is watcher
+            status = watcher.status()
+            assert (status.status, status.consul, status.reason) == (
+                st.MAINTENANCE,
+                st.STOPPED,
+                "deploy 42",
+            )
+            assert {s.consul for s in status.sources} == {st.STOPPED}
+            assert watcher.ready and await watcher.wait_ready(5)
+            assert not watcher.running and not watcher._tasks
+            assert len(consul.calls) == 2
+
+    asyncio.run(main())
+
+
+def test_stop_before_the_first_request_sticks_and_watch_starts_again() -> None:
+    async def main() -> None:
+        app = dead_end_app()
+        await watcher_module.stop(app)
+        stopped = watcher_module.current(app)
+        assert stopped.status().consul == st.STOPPED
+        assert not stopped.running
+        assert watcher_module.current(app) is stopped
+        started = watcher_module.watch(app)  # the explicit start-up call
+        assert started is not stopped and started.running
+        assert watcher_module.current(app) is started
+        await watcher_module.stop(app)
+
+    asyncio.run(main())
+
+
+def test_abandon_on_a_closed_loop_does_not_raise() -> None:
+    """An application reused after a fixture closed its loop, tasks pending."""
+    app = dead_end_app()
+
+    async def current() -> ConsulWatcher:
+        return watcher_module.current(app)
+
+    loop = asyncio.new_event_loop()
+    old = loop.run_until_complete(current())
+    assert old.running is False and old._tasks
+    loop.close()  # as an IOLoop does: its tasks are never cancelled
+    new = asyncio.run(current())
+    assert new is not old
+    assert old.status().consul == st.STOPPED
+
+
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id")
+
+
+def test_the_watcher_runs_in_a_context_of_its_own(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A request's contextvars stay out of the watcher's tasks and log lines."""
+    seen: list[str | None] = []
+
+    class Seeing(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            seen.append(REQUEST_ID.get(None))
+            return True
+
+    class ContextScriptedConsul(ScriptedConsul):
+        async def node_name(self) -> str:
+            seen.append(REQUEST_ID.get(None))
+            return await super().node_name()
+
+    async def request(app: web.Application) -> ConsulWatcher:
+        REQUEST_ID.set("request-1")  # as a request's logging context does
+        return watcher_module.current(app)
+
+    async def main() -> None:
+        consul = ContextScriptedConsul()
+        app = web.Application()
+        watcher = ConsulWatcher(Settings(), client=consul)  # type: ignore[arg-type]
+        with watcher_module.replaced(app, watcher):
+            await asyncio.create_task(request(app))
+            consul.answer(5)
+            await until(lambda: watcher.status().consul == st.CONNECTED)
+            await watcher.stop()
+
+    seeing = Seeing()
+    watcher_module.LOGGER.addFilter(seeing)
+    try:
+        with caplog.at_level(logging.INFO, logger="sprockets_status_consul"):
+            asyncio.run(main())
+    finally:
+        watcher_module.LOGGER.removeFilter(seeing)
+    assert len(seen) >= 2  # the node_name query, the "following" line
+    assert seen == [None] * len(seen)
+
+
+def test_a_bad_setting_is_found_once_and_remembered(tmp_path: pathlib.Path) -> None:
+    """The token file is read once; every later call raises the same error."""
+    token_file = tmp_path / "token"
+    token_file.write_text("")
+    app = web.Application(consul_status={"token_file": str(token_file)})
+    with pytest.raises(SettingsError, match="is empty") as first:
+        watcher_module.current(app)
+    token_file.unlink()  # read again, it would be "cannot read"
+    for call in (watcher_module.current, watcher_module.watch):
+        with pytest.raises(SettingsError) as again:
+            call(app)
+        assert str(again.value) == str(first.value)
+
+
+def test_good_settings_are_resolved_once_per_application(
+    tmp_path: pathlib.Path,
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("the-token")
+    app = dead_end_app(token_file=str(token_file))
+
+    async def main() -> None:
+        first = watcher_module.watch(app)
+        await watcher_module.stop(app)
+        token_file.unlink()
+        second = watcher_module.watch(app)
+        assert second is not first and second.settings.token == "the-token"
+        await watcher_module.stop(app)
+
+    asyncio.run(main())
+
+
+def test_a_settings_object_is_a_consul_status_value() -> None:
+    settings = Settings(port=free_port(), failure_mode="closed", ttl=2)
+    app = web.Application(consul_status=settings)
+    assert watcher_module.watch(app).settings is settings
+
+
+def test_a_collected_application_ends_its_watcher(consul_agent: AgentBase) -> None:
+    """Without stop(): its tasks end and its connection to the agent closes."""
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    async def main() -> None:
+        app = web.Application(consul_status={"address": consul_agent.http_addr})
+        before = open_fds()
+        watcher = watcher_module.watch(app)
+        await watcher.wait_ready(5)
+        await until(lambda: open_fds() > before)  # the blocking query waits
+        tasks = list(watcher._tasks)
+        del app
+        gc.collect()
+        await until(lambda: all(task.done() for task in tasks), timeout=5)
+        await until(lambda: open_fds() == before, timeout=5)
+        assert watcher.status().consul == st.STOPPED
+
+    asyncio.run(main())
+
+
+class CountingClient(ConsulClient):
+    """The real client, counting the KV queries it sends."""
+
+    kv_queries = 0
+
+    async def kv_value(
+        self, key: str, index: int = 0, wait: float | None = None
+    ) -> tuple[int, bytes | None]:
+        self.kv_queries += 1
+        return await super().kv_value(key, index, wait)
+
+
+def test_writes_to_other_keys_do_not_spin_a_watcher_of_a_missing_key(
+    consul_agent: AgentBase,
+) -> None:
+    """On Consul 1.8 a missing key's index moves with every KV write anywhere."""
+    prefix = f"ssc-test/{uuid.uuid4().hex}"
+    settings = Settings.from_mapping(
+        {"address": consul_agent.http_addr, "key": f"{prefix}/maintenance"}
+    )
+    writes = 200
+
+    def write_other_keys() -> float:
+        started = time.monotonic()
+        for n in range(writes):
+            answer = consul_agent.request("PUT", f"/v1/kv/{prefix}/other/{n}", body=n)
+            assert answer.status == 200
+        return time.monotonic() - started
+
+    async def main() -> tuple[int, float]:
+        client = CountingClient(settings)
+        watcher = ConsulWatcher(settings, client=client)
+        watcher.start()
+        try:
+            await watcher.wait_ready(5)
+            await until(lambda: client.kv_queries == 2)  # now blocking
+            seconds = await asyncio.to_thread(write_other_keys)
+            queries = client.kv_queries - 2
+            assert watcher.status().status == st.OK
+        finally:
+            await watcher.stop()
+            consul_agent.request("DELETE", f"/v1/kv/{prefix}", params={"recurse": ""})
+        return queries, seconds
+
+    queries, seconds = asyncio.run(main())
+    print(f"\n{writes} writes to other keys in {seconds:.2f} s: {queries} queries")
+    assert queries <= seconds / watcher_module.MIN_QUERY_INTERVAL + 2
+    assert queries < writes / 4
