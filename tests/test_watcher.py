@@ -13,6 +13,7 @@ import gc
 import logging
 import os
 import pathlib
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -486,20 +487,32 @@ def test_stop_before_the_first_request_sticks_and_watch_starts_again() -> None:
     asyncio.run(main())
 
 
-def test_abandon_on_a_closed_loop_does_not_raise() -> None:
+def reuse_after_closing_the_loop(app: web.Application) -> None:
     """An application reused after a fixture closed its loop, tasks pending."""
-    app = dead_end_app()
 
     async def current() -> ConsulWatcher:
-        return watcher_module.current(app)
+        watcher = watcher_module.current(app)
+        await watcher.wait_ready(5)
+        return watcher
 
     loop = asyncio.new_event_loop()
     old = loop.run_until_complete(current())
-    assert old.running is False and old._tasks
+    assert old._tasks
     loop.close()  # as an IOLoop does: its tasks are never cancelled
     new = asyncio.run(current())
-    assert new is not old
+    assert new is not old and new.ready
     assert old.status().consul == st.STOPPED
+
+
+def test_abandon_on_a_closed_loop_does_not_raise() -> None:
+    reuse_after_closing_the_loop(dead_end_app())
+
+
+def test_abandon_on_a_closed_loop_with_a_query_waiting(
+    consul_agent: AgentBase,
+) -> None:
+    app = web.Application(consul_status={"address": consul_agent.http_addr})
+    reuse_after_closing_the_loop(app)
 
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id")
@@ -604,6 +617,32 @@ def test_a_collected_application_ends_its_watcher(consul_agent: AgentBase) -> No
         assert watcher.status().consul == st.STOPPED
 
     asyncio.run(main())
+
+
+def test_an_application_collected_in_another_thread_ends_its_watcher() -> None:
+    """The loop runs in one thread, the garbage collector in another."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever)
+    thread.start()
+    try:
+        app = dead_end_app()
+
+        async def start(application: web.Application) -> ConsulWatcher:
+            return watcher_module.watch(application)
+
+        watcher = asyncio.run_coroutine_threadsafe(start(app), loop).result(5)
+        tasks = list(watcher._tasks)
+        del app
+        gc.collect()
+        deadline = time.monotonic() + 5
+        while not all(task.done() for task in tasks):
+            assert time.monotonic() < deadline, "the watcher still runs"
+            time.sleep(0.005)
+        assert watcher.status().consul == st.STOPPED
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
 
 
 class CountingClient(ConsulClient):
