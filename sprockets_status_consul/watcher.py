@@ -11,9 +11,9 @@ handling follows Consul's rules for blocking queries (and HashiCorp's Go
 * the first query, and the first after an error, does not block;
 * when ``X-Consul-Index`` goes backwards (a restarted agent) the index resets;
 * an index of 0 is never blocked on;
-* two blocking queries of one source start at least
-  :data:`MIN_QUERY_INTERVAL` apart, whatever the index did (as consul-template
-  does), so a busy Consul cannot spin a backend;
+* a query never starts sooner than :data:`MIN_QUERY_INTERVAL` after the
+  start of the blocking query before it, whatever the index did (as
+  consul-template does), so a busy Consul cannot spin a backend;
 * each blocking ``wait`` is shortened by a random part of up to
   :data:`WAIT_JITTER`, so backends started together drift apart.
 
@@ -60,7 +60,7 @@ RETRY_MIN = 0.05
 """First retry delay after an error, in seconds; it doubles up to ``retry_max``."""
 
 MIN_QUERY_INTERVAL = 0.1
-"""Least time, in seconds, between the starts of two blocking queries of a source.
+"""Least time, in seconds, from the start of a blocking query to the next query.
 
 A blocking query returns whenever its index moves, and on Consul 1.8 the
 index of a missing KV key moves with every write to any key: without this
@@ -350,7 +350,8 @@ class ConsulWatcher:
             ),
         )
         self.ready = True
-        self._ready.set()
+        if self._loop is None or not self._loop.is_closed():
+            self._ready.set()  # wakes the requests waiting for a first answer
         if self._orphaned is not None:
             self._orphaned.detach()
         if self._client is not None:
