@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import pathlib
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -149,3 +152,20 @@ def test_what_cannot_be_said(arguments: dict[str, Any]) -> None:
         consul_says(web.Application(), **arguments),  # type: ignore[arg-type]
     ):
         pass
+
+
+def test_the_readme_example_passes(tmp_path: pathlib.Path) -> None:
+    """The complete test in README's "Testing your own /status" runs green."""
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Testing your own `/status`", 1)[1]
+    example = section.split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "test_readme_example.py").write_text(example)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 passed" in result.stdout
