@@ -72,8 +72,9 @@ class Settings:
 
     def __post_init__(self) -> None:
         """Check every field: the one place the rules live."""
-        for name, problem in _problems(self):
-            raise _FieldError(name, problem)
+        problem = next(_problems(self), None)
+        if problem is not None:
+            raise _FieldError(*problem)
         for name in _SECONDS:
             object.__setattr__(self, name, float(getattr(self, name)))
 
