@@ -8,6 +8,7 @@ is covered by the integration tests against a real agent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import gc
 import logging
@@ -597,23 +598,42 @@ def test_a_settings_object_is_a_consul_status_value() -> None:
     assert watcher_module.watch(app).settings is settings
 
 
+def connections_to(port: int) -> int:
+    """This process's established TCP connections to ``port``."""
+    sockets = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith("socket:["):
+                sockets.add(target[len("socket:[") : -1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            next(lines)
+            for line in lines:
+                fields = line.split()
+                remote, state, inode = fields[2], fields[3], fields[9]
+                established = state == "01"
+                if established and inode in sockets:
+                    count += int(remote.rsplit(":", 1)[1], 16) == port
+    return count
+
+
 def test_a_collected_application_ends_its_watcher(consul_agent: AgentBase) -> None:
     """Without stop(): its tasks end and its connection to the agent closes."""
-
-    def open_fds() -> int:
-        return len(os.listdir("/proc/self/fd"))
+    port = int(consul_agent.http_addr.rsplit(":", 1)[1])
 
     async def main() -> None:
         app = web.Application(consul_status={"address": consul_agent.http_addr})
-        before = open_fds()
+        before = connections_to(port)
         watcher = watcher_module.watch(app)
         await watcher.wait_ready(5)
-        await until(lambda: open_fds() > before)  # the blocking query waits
+        await until(lambda: connections_to(port) > before)  # a query waits
         tasks = list(watcher._tasks)
         del app
         gc.collect()
         await until(lambda: all(task.done() for task in tasks), timeout=5)
-        await until(lambda: open_fds() == before, timeout=5)
+        await until(lambda: connections_to(port) == before, timeout=5)
         assert watcher.status().consul == st.STOPPED
 
     asyncio.run(main())
