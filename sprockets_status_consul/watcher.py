@@ -687,10 +687,12 @@ def _start(
             )
         return False
     state.start_error = None
-    # Ends the watcher if the application goes without stop(); it holds only
-    # a weak reference to the application, and the watcher holds none.
-    watcher._orphaned = weakref.finalize(application, watcher._abandon_from_any_thread)
-    watcher._orphaned.atexit = False
+    if watcher._tasks and watcher._orphaned is None:
+        # Ends the watcher if the application goes without stop(); it holds
+        # only a weak reference to the application, and the watcher none.
+        orphaned = weakref.finalize(application, watcher._abandon_from_any_thread)
+        orphaned.atexit = False
+        watcher._orphaned = orphaned
     return True
 
 

@@ -8,11 +8,13 @@ test says instead.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import pathlib
 import socket
 import subprocess
 import sys
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -169,3 +171,23 @@ def test_the_readme_example_passes(tmp_path: pathlib.Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "3 passed" in result.stdout
+
+
+def test_requests_under_consul_says_leave_nothing_behind() -> None:
+    """However many requests ask, the application gets no finalizer per request."""
+    app = web.Application()
+
+    def finalizers() -> int:
+        return sum(
+            1
+            for f in gc.get_objects()
+            if isinstance(f, weakref.finalize) and (f.peek() or [None])[0] is app
+        )
+
+    async def requests() -> int:
+        with consul_says(app):
+            for _ in range(100):
+                ssc.current(app).status()
+            return finalizers()
+
+    assert asyncio.run(requests()) == 0
