@@ -592,6 +592,20 @@ _APPLICATIONS: weakref.WeakKeyDictionary[web.Application, _Application] = (
 )
 
 
+def _state(application: web.Application) -> _Application:
+    state = _APPLICATIONS.get(application)
+    if state is None:
+        state = _APPLICATIONS[application] = _Application()
+    return state
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
 def current(application: web.Application) -> ConsulWatcher:
     """The watcher a request of ``application`` reads: what a handler calls.
 
@@ -603,7 +617,7 @@ def current(application: web.Application) -> ConsulWatcher:
     :raises SettingsError: when the ``consul_status`` setting is unusable
         (found once per application, then remembered).
     """
-    try:
+    try:  # inline: this runs on every request
         loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
     except RuntimeError:
         loop = None
@@ -628,11 +642,9 @@ def watch(application: web.Application) -> ConsulWatcher:
     once; before one runs, it starts when the first request arrives. After
     :func:`stop` it starts a new watcher.
     """
-    try:
-        loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-    except RuntimeError:
-        loop = None
-    return _resolve(application, _WATCHERS.get(application), loop, explicit=True)
+    return _resolve(
+        application, _WATCHERS.get(application), _running_loop(), explicit=True
+    )
 
 
 def _resolve(
@@ -642,9 +654,7 @@ def _resolve(
     explicit: bool,
 ) -> ConsulWatcher:
     """:func:`current` and :func:`watch` beyond the hot path."""
-    state = _APPLICATIONS.get(application)
-    if state is None:
-        state = _APPLICATIONS[application] = _Application()
+    state = _state(application)
     if explicit:
         state.stopped = False
     if watcher is not None and state.stopped:
@@ -702,9 +712,7 @@ async def stop(application: web.Application) -> None:
     Requests go on answering the last known state, with ``consul``
     :data:`~.status.STOPPED`; only :func:`watch` starts a new watcher.
     """
-    state = _APPLICATIONS.get(application)
-    if state is None:
-        state = _APPLICATIONS[application] = _Application()
+    state = _state(application)
     state.stopped = True
     watcher = _WATCHERS.get(application)
     if watcher is not None:
@@ -722,9 +730,7 @@ def replaced(
     :func:`~sprockets_status_consul.testing.consul_says`; ``watcher`` is
     started on first use if it was not, and stopping it is the caller's.
     """
-    state = _APPLICATIONS.get(application)
-    if state is None:
-        state = _APPLICATIONS[application] = _Application()
+    state = _state(application)
     previous, was_stopped = _WATCHERS.get(application), state.stopped
     _WATCHERS[application], state.stopped = watcher, False
     try:
