@@ -16,7 +16,7 @@ from .handler import (
 from .settings import FAIL_CLOSED, FAIL_OPEN, Settings, SettingsError
 from .status import DRAINING, MAINTENANCE, OK, UNKNOWN, ConsulStatus
 from .transport import ConsulError
-from .watcher import ConsulWatcher, stop, watch
+from .watcher import ConsulWatcher, current, stop, watch
 
 __all__ = [
     "DRAINING",
@@ -33,6 +33,7 @@ __all__ = [
     "Settings",
     "SettingsError",
     "StatusHandler",
+    "current",
     "drain",
     "serve_until_signalled",
     "set_application",

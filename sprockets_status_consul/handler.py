@@ -20,7 +20,7 @@ from tornado import escape, web
 from . import health
 from .settings import SettingsError
 from .status import CONNECTED, DRAINING, MAINTENANCE, OK, ConsulStatus
-from .watcher import ConsulWatcher, watch
+from .watcher import ConsulWatcher, current
 
 LOGGER = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ class ConsulStatusHandler(StatusHandler):
     def prepare(self) -> Awaitable[None] | None:
         self.own_status = super()._application_status()
         try:
-            watcher = watch(self.application)
+            watcher = current(self.application)
         except SettingsError as error:
             if str(error) not in _logged_errors:
                 _logged_errors.add(str(error))

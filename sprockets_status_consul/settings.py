@@ -16,7 +16,7 @@ import math
 import os
 import re
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 SETTING = "consul_status"
@@ -39,12 +39,17 @@ class SettingsError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Resolved settings of the Consul watcher.
+    """Resolved settings of the Consul watcher, checked however they are made.
 
     ``host``, ``port`` and ``scheme`` come from ``address``
     (``CONSUL_HTTP_ADDR``); ``token`` from ``token``, ``token_file``,
     ``CONSUL_HTTP_TOKEN`` or ``CONSUL_HTTP_TOKEN_FILE``; ``node`` is ``None``
     until the watcher asks the agent for its node name.
+
+    Built directly (``Settings(ttl=5, failure_mode="closed")``), it reads no
+    environment variable; a bad value raises the :class:`SettingsError` that
+    :meth:`from_mapping` raises, naming the field instead of the key. Either
+    form can be the ``consul_status`` application setting.
     """
 
     host: str = "127.0.0.1"
@@ -65,6 +70,14 @@ class Settings:
     cert_file: str | None = None
     key_file: str | None = None
 
+    def __post_init__(self) -> None:
+        """Check every field: the one place the rules live."""
+        problem = next(_problems(self), None)
+        if problem is not None:
+            raise _FieldError(*problem)
+        for name in _SECONDS:
+            object.__setattr__(self, name, float(getattr(self, name)))
+
     @property
     def address(self) -> str:
         """``scheme://host:port`` of the agent, for messages and logs."""
@@ -76,7 +89,7 @@ class Settings:
         """How long one blocking query may wait for a change, in seconds.
 
         It equals the TTL: a hung agent is noticed within about one TTL, and
-        an idle backend sends Consul one request per TTL.
+        an idle backend sends Consul about one request per TTL.
         """
         return self.ttl
 
@@ -88,13 +101,14 @@ class Settings:
     ) -> Settings:
         """Resolve settings from the ``consul_status`` dict and the environment.
 
-        :raises SettingsError: on an unknown key or an unusable value.
+        :raises SettingsError: on an unknown key or an unusable value, naming
+            the key or the environment variable it came from.
         """
         if config is None:
             config = {}
         if not isinstance(config, Mapping):
             raise SettingsError(
-                f"{SETTING} must be a dict, not {type(config).__name__}"
+                f"{SETTING} must be a dict or a Settings, not {type(config).__name__}"
             )
         env = os.environ if environ is None else environ
         unknown = sorted(set(config) - _KEYS)
@@ -105,9 +119,12 @@ class Settings:
             )
         reader = _Reader(config, env)
 
-        scheme, host, port = _parse_address(
-            *reader.string("address", "CONSUL_HTTP_ADDR", DEFAULT_ADDRESS)
+        address, address_origin = reader.string(
+            "address", "CONSUL_HTTP_ADDR", DEFAULT_ADDRESS
         )
+        scheme, host, port = _parse_address(address, address_origin)
+        for name in ("scheme", "host", "port"):
+            reader.origins[name] = address_origin
         ssl, ssl_origin = reader.flag("ssl", "CONSUL_HTTP_SSL", scheme == "https")
         if ssl and scheme == "http":
             scheme = "https"
@@ -115,58 +132,124 @@ class Settings:
             # As Consul's api package: CONSUL_HTTP_SSL=false never downgrades
             # an https address; only the setting may contradict it, loudly.
             raise SettingsError(f"{ssl_origin} is false but the address is https")
+        values: dict[str, Any] = {
+            "host": host,
+            "port": port,
+            "scheme": scheme,
+            "token": reader.token(),
+            "node": reader.optional_string("node", None),
+            "service": reader.optional_string("service", None),
+            "key": reader.optional_string("key", None),
+            "blocking": reader.flag("blocking", None, cls.blocking)[0],
+            "failure_mode": reader.string("failure_mode", None, FAIL_OPEN)[0],
+            "verify": reader.flag("verify", "CONSUL_HTTP_SSL_VERIFY", cls.verify)[0],
+            "ca_file": reader.optional_string("ca_file", "CONSUL_CACERT"),
+            "cert_file": reader.optional_string("cert_file", "CONSUL_CLIENT_CERT"),
+            "key_file": reader.optional_string("key_file", "CONSUL_CLIENT_KEY"),
+        }
+        for name in _SECONDS:
+            value, _ = reader.get(name, None)
+            if value is not None:
+                values[name] = value
+        try:
+            return cls(**values)
+        except _FieldError as error:
+            origin = reader.origins.get(error.field) or f"{SETTING}[{error.field!r}]"
+            raise SettingsError(f"{origin} {error.problem}") from None
 
-        node, node_origin = reader.optional_string("node", None)
-        if node is not None and not _NODE_NAME.match(node):
-            raise SettingsError(
-                f"{node_origin} must be a Consul node name "
-                f"(letters, digits, '-', '_' and '.'), got {node!r}"
-            )
-        service, service_origin = reader.optional_string("service", None)
-        if service is not None and "/" in service:
-            raise SettingsError(
-                f"{service_origin} must be a service ID, got {service!r}"
-            )
-        kv_key, kv_origin = reader.optional_string("key", None)
-        if kv_key is not None and (kv_key.startswith("/") or kv_key.endswith("/")):
-            raise SettingsError(
-                f"{kv_origin} must be a Consul KV key without a leading or "
-                f"trailing '/', got {kv_key!r}"
-            )
-        failure_mode, origin = reader.string("failure_mode", None, FAIL_OPEN)
-        if failure_mode not in (FAIL_OPEN, FAIL_CLOSED):
-            raise SettingsError(
-                f"{origin} must be {FAIL_OPEN!r} or {FAIL_CLOSED!r}, "
-                f"got {failure_mode!r}"
-            )
-        ca_file, _ = reader.optional_string("ca_file", "CONSUL_CACERT")
-        cert_file, cert_origin = reader.optional_string(
-            "cert_file", "CONSUL_CLIENT_CERT"
+
+def resolve(value: Settings | Mapping[str, Any] | None) -> Settings:
+    """The settings a ``consul_status`` value stands for.
+
+    A :class:`Settings` is used as it is; a dict (or nothing) is resolved
+    with :meth:`Settings.from_mapping`, against the environment.
+    """
+    if isinstance(value, Settings):
+        return value
+    return Settings.from_mapping(value)
+
+
+class _FieldError(SettingsError):
+    """A field of :class:`Settings` is unusable; ``from_mapping`` names its origin."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"Settings.{field} {problem}")
+        self.field = field
+        self.problem = problem
+
+
+_SECONDS = {
+    # field: (least allowed, whether the least is allowed, most allowed)
+    "ttl": (0.0, False, 600.0),  # Consul's longest blocking wait
+    "timeout": (0.0, False, 86400.0),
+    "startup_wait": (0.0, True, 86400.0),
+    "retry_max": (0.0, False, 86400.0),
+}
+
+
+def _problems(settings: Settings) -> Iterator[tuple[str, str]]:
+    """What is wrong with ``settings``: (field, problem) pairs, in field order."""
+    if settings.scheme not in ("http", "https"):
+        yield "scheme", f"must be 'http' or 'https', got {settings.scheme!r}"
+    if not isinstance(settings.host, str) or not settings.host:
+        yield "host", "must be a host name or an IP address"
+    port = settings.port
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        yield "port", f"must name a port from 1 to 65535, got {port!r}"
+    if settings.token is not None:
+        problem = _token_problem(settings.token)
+        if problem:
+            yield "token", problem
+    node = settings.node
+    if node is not None and not (isinstance(node, str) and _NODE_NAME.match(node)):
+        yield (
+            "node",
+            "must be a Consul node name (letters, digits, '-', '_' and '.'), "
+            f"got {node!r}",
         )
-        key_file, key_origin = reader.optional_string("key_file", "CONSUL_CLIENT_KEY")
-        if (cert_file is None) != (key_file is None):
-            raise SettingsError(
-                f"{cert_origin or key_origin} is set but not its pair: "
-                "a client certificate needs both cert_file and key_file"
-            )
-        return cls(
-            host=host,
-            port=port,
-            scheme=scheme,
-            token=reader.token(),
-            node=node,
-            service=service,
-            key=kv_key,
-            ttl=reader.seconds("ttl", cls.ttl, maximum=600.0),  # Consul's longest wait
-            blocking=reader.flag("blocking", None, cls.blocking)[0],
-            timeout=reader.seconds("timeout", cls.timeout),
-            startup_wait=reader.seconds("startup_wait", cls.startup_wait, zero=True),
-            retry_max=reader.seconds("retry_max", cls.retry_max),
-            failure_mode=failure_mode,
-            verify=reader.flag("verify", "CONSUL_HTTP_SSL_VERIFY", cls.verify)[0],
-            ca_file=ca_file,
-            cert_file=cert_file,
-            key_file=key_file,
+    service = settings.service
+    if service is not None and (
+        not isinstance(service, str) or not service or "/" in service
+    ):
+        yield "service", f"must be a service ID, got {service!r}"
+    key = settings.key
+    if key is not None and (
+        not isinstance(key, str) or not key or key.startswith("/") or key.endswith("/")
+    ):
+        yield (
+            "key",
+            f"must be a Consul KV key without a leading or trailing '/', got {key!r}",
+        )
+    for name, (least, least_allowed, most) in _SECONDS.items():
+        value = getattr(settings, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            yield name, f"must be a number of seconds, got {value!r}"
+        elif (
+            not math.isfinite(value)
+            or value < least
+            or (value == least and not least_allowed)
+        ):
+            kind = "non-negative" if least_allowed else "positive"
+            yield name, f"must be a {kind} number of seconds, got {value!r}"
+        elif value > most:
+            yield name, f"must be at most {most:g} s, got {value!r}"
+    for name in ("blocking", "verify"):
+        if not isinstance(getattr(settings, name), bool):
+            yield name, f"must be true or false, got {getattr(settings, name)!r}"
+    if settings.failure_mode not in (FAIL_OPEN, FAIL_CLOSED):
+        yield (
+            "failure_mode",
+            f"must be {FAIL_OPEN!r} or {FAIL_CLOSED!r}, got {settings.failure_mode!r}",
+        )
+    for name in ("ca_file", "cert_file", "key_file"):
+        value = getattr(settings, name)
+        if value is not None and (not isinstance(value, str) or not value):
+            yield name, "must be a non-empty string (a file name)"
+    if (settings.cert_file is None) != (settings.key_file is None):
+        yield (
+            "cert_file" if settings.cert_file is not None else "key_file",
+            "is set but not its pair: a client certificate needs both cert_file "
+            "and key_file",
         )
 
 
@@ -197,36 +280,45 @@ _FALSE = frozenset({"0", "false", "no", "off"})
 
 
 class _Reader:
-    """Reads one key from the setting, else from its environment variable."""
+    """Reads one key from the setting, else from its environment variable.
+
+    ``origins`` remembers where each value came from, for the messages of
+    :class:`SettingsError`.
+    """
 
     def __init__(self, config: Mapping[str, Any], env: Mapping[str, str]) -> None:
         self.config = config
         self.env = env
+        self.origins: dict[str, str] = {}
 
-    def _get(self, key: str | None, var: str | None) -> tuple[Any, str]:
+    def get(self, key: str | None, var: str | None) -> tuple[Any, str]:
         """The raw value and where it came from, ``(None, "")`` when unset."""
+        value: Any = None
+        origin = ""
         if key is not None and self.config.get(key) is not None:
-            return self.config[key], f"{SETTING}[{key!r}]"
-        if var and self.env.get(var, "") != "":
-            return self.env[var], var
-        return None, ""
+            value, origin = self.config[key], f"{SETTING}[{key!r}]"
+        elif var and self.env.get(var, "") != "":
+            value, origin = self.env[var], var
+        if key is not None and origin:
+            self.origins[key] = origin
+        return value, origin
 
-    def optional_string(
-        self, key: str | None, var: str | None
-    ) -> tuple[str | None, str]:
-        value, origin = self._get(key, var)
+    def optional_string(self, key: str | None, var: str | None) -> str | None:
+        value, origin = self.get(key, var)
         if value is None:
-            return None, origin
+            return None
         if not isinstance(value, str) or not value.strip():
             raise SettingsError(f"{origin} must be a non-empty string")
-        return value.strip(), origin
+        return value.strip()
 
     def string(self, key: str, var: str | None, default: str) -> tuple[str, str]:
-        value, origin = self.optional_string(key, var)
-        return (default, f"{SETTING}[{key!r}]") if value is None else (value, origin)
+        value = self.optional_string(key, var)
+        if value is None:
+            return default, f"{SETTING}[{key!r}]"
+        return value, self.origins[key]
 
     def flag(self, key: str, var: str | None, default: bool) -> tuple[bool, str]:
-        value, origin = self._get(key, var)
+        value, origin = self.get(key, var)
         if value is None:
             return default, ""
         if isinstance(value, bool):
@@ -235,30 +327,11 @@ class _Reader:
             return value.strip().lower() in _TRUE, origin
         raise SettingsError(f"{origin} must be true or false, got {value!r}")
 
-    def seconds(
-        self, key: str, default: float, zero: bool = False, maximum: float = 86400.0
-    ) -> float:
-        value, origin = self._get(key, None)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise SettingsError(f"{origin} must be a number of seconds")
-        if value > maximum:
-            raise SettingsError(
-                f"{origin} must be at most {maximum:g} s, got {value!r}"
-            )
-        if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
-            raise SettingsError(
-                f"{origin} must be a {'non-negative' if zero else 'positive'} "
-                f"number of seconds, got {value!r}"
-            )
-        return float(value)
-
     def token(self) -> str | None:
         """The ACL token: setting, setting's file, environment, environment's file."""
         if (
-            self._get("token", None)[0] is not None
-            and self._get("token_file", None)[0] is not None
+            self.get("token", None)[0] is not None
+            and self.get("token_file", None)[0] is not None
         ):
             raise SettingsError(f"{SETTING}: set token or token_file, not both")
         # The file wins over the token, as in Consul's CLI and api package.
@@ -268,11 +341,13 @@ class _Reader:
             (None, "CONSUL_HTTP_TOKEN_FILE"),
             (None, "CONSUL_HTTP_TOKEN"),
         ):
-            value, origin = self.optional_string(key, var)
+            value = self.optional_string(key, var)
             if value is None:
                 continue
+            origin = self.origins[key] if key else str(var)
+            self.origins["token"] = origin
             if not origin.endswith(("_file']", "_FILE")):
-                return _checked_token(value, origin)
+                return value
             try:
                 with open(value, encoding="utf-8") as f:
                     token = f.read().strip()
@@ -282,18 +357,22 @@ class _Reader:
                 ) from None
             if not token:
                 raise SettingsError(f"{origin}: the token file {value!r} is empty")
-            return _checked_token(token, f"{origin} ({value!r})")
+            self.origins["token"] = f"{origin} ({value!r})"
+            return token
         return None
 
 
-def _checked_token(token: str, origin: str) -> str:
-    """A token fit for an HTTP header; the message never shows it."""
-    if not token.isascii() or not token.isprintable() or " " in token:
-        raise SettingsError(
-            f"{origin}: the token has spaces, line breaks or other characters "
-            "no ACL token has"
-        )
-    return token
+def _token_problem(token: str) -> str | None:
+    """What makes ``token`` unfit for an HTTP header; never the token itself."""
+    if (
+        not isinstance(token, str)
+        or not token
+        or not token.isascii()
+        or not token.isprintable()
+        or " " in token
+    ):
+        return "holds spaces, line breaks or other characters no ACL token has"
+    return None
 
 
 def _parse_address(value: str, origin: str) -> tuple[str, str, int]:
@@ -314,6 +393,4 @@ def _parse_address(value: str, origin: str) -> tuple[str, str, int]:
         )
     if port is None:
         port = 443 if url.scheme == "https" and "://" in value else 8500
-    if not 0 < port < 65536:
-        raise SettingsError(f"{origin}: port {port} is out of range")
     return url.scheme, url.hostname, port

@@ -29,6 +29,9 @@ UNREACHABLE = "unreachable"
 STALE = "stale"
 """The last exchange failed and the last known answer is older than the TTL."""
 
+STOPPED = "stopped"
+"""The watcher was stopped (:func:`~.watcher.stop`): the last known answer stays."""
+
 
 @dataclasses.dataclass(frozen=True)
 class Verdict:
@@ -71,9 +74,9 @@ class ConsulStatus:
     the application in maintenance (``"node"``, ``"service"``, ``"key"``, or
     ``"consul"`` when the failure policy is closed and Consul cannot be
     reached) and ``reason`` says why. ``consul`` is one of :data:`STARTING`,
-    :data:`CONNECTED`, :data:`UNREACHABLE` or :data:`STALE`; ``age`` is how
-    many seconds ago Consul last confirmed the answer, ``None`` while it is
-    connected or when it never has. ``sources`` has one entry per source.
+    :data:`CONNECTED`, :data:`UNREACHABLE`, :data:`STALE` or :data:`STOPPED`;
+    ``age`` is how many seconds ago Consul last confirmed the answer, ``None``
+    while it is connected or when it never has. ``sources`` has one entry per source.
     """
 
     status: str

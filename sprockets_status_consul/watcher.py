@@ -11,28 +11,41 @@ handling follows Consul's rules for blocking queries (and HashiCorp's Go
 * the first query, and the first after an error, does not block;
 * when ``X-Consul-Index`` goes backwards (a restarted agent) the index resets;
 * an index of 0 is never blocked on;
-* an unchanged answer that comes back early is not asked again at once.
+* a query never starts sooner than :data:`MIN_QUERY_INTERVAL` after the
+  start of the blocking query before it, whatever the index did (as
+  consul-template does), so a busy Consul cannot spin a backend;
+* each blocking ``wait`` is shortened by a random part of up to
+  :data:`WAIT_JITTER`, so backends started together drift apart.
 
 Errors are retried with capped exponential backoff and jitter, logged
 once per change of state, and never reach a request: :meth:`ConsulWatcher.status`
 only reads memory. What a request reports while Consul cannot be reached is
 the failure policy (:data:`~.settings.FAIL_OPEN` or
 :data:`~.settings.FAIL_CLOSED`).
+
+An application has one watcher: :func:`watch` starts it at start-up,
+:func:`current` is what a request asks (it starts the watcher on first use),
+and :func:`stop` ends it for good. A watcher whose application is
+garbage-collected without :func:`stop` ends too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
+import dataclasses
 import logging
 import random
 import time
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 from tornado import web
 
 from . import status as st
-from .settings import FAIL_CLOSED, SETTING, Settings
+from .settings import FAIL_CLOSED, SETTING, Settings, SettingsError, resolve
 from .transport import ConsulClient, ConsulError
 
 LOGGER = logging.getLogger(__name__)
@@ -46,8 +59,29 @@ SERVICE_MAINTENANCE_CHECK = "_service_maintenance:"
 RETRY_MIN = 0.05
 """First retry delay after an error, in seconds; it doubles up to ``retry_max``."""
 
-MIN_INTERVAL = 0.05
-"""An unchanged answer that came back sooner than this is not asked again at once."""
+MIN_QUERY_INTERVAL = 0.1
+"""Least time, in seconds, from the start of a blocking query to the next query.
+
+A blocking query returns whenever its index moves, and on Consul 1.8 the
+index of a missing KV key moves with every write to any key: without this
+floor a busy Consul makes each backend query it as fast as it answers. The
+number is consul-template's (``minDelayBetweenUpdates``); a change still
+reaches the backend at once unless another one came less than this before.
+"""
+
+QUERY_DITHER = 0.02
+"""Up to this many seconds, at random, added to a wait for :data:`MIN_QUERY_INTERVAL`,
+so backends woken by the same write do not query again in step
+(consul-template's dither)."""
+
+WAIT_JITTER = 0.1
+"""Each blocking query's ``wait`` is the TTL shortened by a random fraction up to this.
+
+Backends started together would otherwise keep returning from their idle
+blocking queries within the same few milliseconds; Consul adds up to
+``wait``/16 of its own, and this spreads them further, whatever the agent.
+An idle backend sends Consul about one request per 0.95 TTL on average.
+"""
 
 
 class Source:
@@ -199,9 +233,12 @@ class _Followed:
 class ConsulWatcher:
     """Follows Consul for one application and keeps the answer in memory.
 
-    Create it with :func:`watch` (or let the first request do so); it runs
-    on the IOLoop it was started on until :meth:`stop`, or until that loop
-    cancels its tasks. :meth:`status` never waits and never fails.
+    Create it with :func:`watch` (or let the first request do so through
+    :func:`current`); it runs on the event loop it was started on until
+    :meth:`stop`, until that loop cancels its tasks, or until its application
+    is garbage-collected. :meth:`status` never waits and never fails; once
+    stopped it answers what the watcher last knew, with ``consul``
+    :data:`~.status.STOPPED`.
 
     :param settings: resolved settings, see :class:`~.settings.Settings`.
     :param client: the Consul client, made from ``settings`` when omitted.
@@ -216,16 +253,33 @@ class ConsulWatcher:
         self._followed = [_Followed(source) for source in sources]
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._ready: asyncio.Event | None = None
+        self._ready = asyncio.Event()
         self._snapshot: st.ConsulStatus | None = None
         self._stopped = False
+        self._orphaned: weakref.finalize[Any, Any] | None = None
+        self._tracebacks: set[type[BaseException]] = set()
         self.ready = False
-        """Whether every source has answered or failed at least once."""
+        """Whether every source has answered or failed at least once, or the
+        watcher is stopped: nothing more is worth waiting for."""
+
+    @classmethod
+    def answering(cls, status: st.ConsulStatus) -> ConsulWatcher:
+        """A watcher that follows nothing and always answers ``status``.
+
+        What :func:`~sprockets_status_consul.testing.consul_says` puts in an
+        application's place (see :func:`replaced`): it opens no connection.
+        """
+        watcher = cls(Settings())
+        watcher._followed = []
+        watcher._snapshot = status
+        watcher.ready = True
+        watcher._ready.set()
+        return watcher
 
     @property
     def node(self) -> str | None:
         """The Consul node followed, once known."""
-        source = self._followed[0].source
+        source = self._followed[0].source if self._followed else None
         return source.node if isinstance(source, NodeSource) else None
 
     @property
@@ -239,48 +293,91 @@ class ConsulWatcher:
             return False
 
     def start(self) -> None:
-        """Start following Consul on the running event loop; idempotent."""
-        if self._tasks:
+        """Start following Consul on the running event loop; idempotent.
+
+        The tasks run in a fresh :class:`contextvars.Context`, not in the
+        context of whatever (a request, say) started them. A start that
+        raises changes nothing, so it can be tried again.
+        """
+        if self._tasks or not self._followed:
             return
         if self._stopped:
             raise RuntimeError("a stopped ConsulWatcher cannot be started again")
-        self._loop = asyncio.get_running_loop()
-        self._ready = asyncio.Event()
-        if self._client is None:
-            self._client = ConsulClient(self.settings)
-        for followed in self._followed:
-            task = self._loop.create_task(self._follow(followed))
-            self._tasks.append(task)
+        loop = asyncio.get_running_loop()
+        client = (
+            self._client if self._client is not None else ConsulClient(self.settings)
+        )
+        fresh = contextvars.Context()
+        self._tasks = [
+            fresh.run(loop.create_task, self._follow(followed, client))
+            for followed in self._followed
+        ]
+        self._client, self._loop = client, loop
 
     def abandon(self) -> None:
-        """Stop without awaiting: for a watcher whose loop will not run again."""
-        self._stopped = True
-        for task in self._tasks:
-            task.cancel()
-        self._tasks = []
-        if self._client is not None:
-            self._client.close()
+        """Stop without awaiting: for a watcher whose loop will not run again.
+
+        Safe on a closed loop: its tasks will never run, so only the client
+        is closed.
+        """
+        tasks, self._tasks = self._tasks, []
+        if self._loop is not None and not self._loop.is_closed():
+            for task in tasks:
+                task.cancel()
+        self._halt()
 
     async def stop(self) -> None:
         """Stop following Consul and close its connections."""
-        self._stopped = True
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
+        self._halt()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _halt(self) -> None:
+        """Keep the last answer, marked stopped; wake waiters; close the client."""
+        if self._stopped:
+            return
+        self._stopped = True
+        last = self.status()
+        self._snapshot = dataclasses.replace(
+            last,
+            consul=st.STOPPED,
+            sources=tuple(
+                dataclasses.replace(source, consul=st.STOPPED)
+                for source in last.sources
+            ),
+        )
+        self.ready = True
+        if self._loop is None or not self._loop.is_closed():
+            self._ready.set()  # wakes the requests waiting for a first answer
+        if self._orphaned is not None:
+            self._orphaned.detach()
         if self._client is not None:
             self._client.close()
+
+    def _abandon_from_any_thread(self) -> None:
+        """Abandon on the watcher's own loop, from whatever thread runs this."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(self._abandon_orphan)
+                return
+            except RuntimeError:  # closed in between
+                pass
+        self._abandon_orphan()
+
+    def _abandon_orphan(self) -> None:
+        if not self._stopped:
+            LOGGER.info("the application is gone without stop(): stopping its watcher")
+        self.abandon()
 
     async def wait_ready(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the first answers; True when ready."""
         if self.ready:
             return True
-        if (
-            self._ready is None
-            or timeout <= 0
-            or self._loop is not asyncio.get_running_loop()
-        ):
+        if timeout <= 0 or self._loop is not asyncio.get_running_loop():
             return False
         try:
             await asyncio.wait_for(self._ready.wait(), timeout)
@@ -297,56 +394,49 @@ class ConsulWatcher:
 
     # The loop -----------------------------------------------------------
 
-    async def _follow(self, followed: _Followed) -> None:
-        client = self._client
-        assert client is not None
+    async def _follow(self, followed: _Followed, client: ConsulClient) -> None:
+        """Query one source for ever: answer, decide the next query, wait."""
         settings = self.settings
-        wait = settings.wait if settings.blocking else None
         index = 0
         failures = 0
         try:
             while True:
                 started = time.monotonic()
+                blocking = index != 0
                 try:
                     new_index, verdict = await followed.source.query(
-                        client, index, wait if index else None
+                        client, index, self._wait() if blocking else None
                     )
-                except ConsulError as error:
-                    failures += 1
-                    self._failed(followed, str(error))
-                    index = 0
-                    await asyncio.sleep(_backoff(failures, settings.retry_max))
-                    continue
                 except Exception as error:  # a bug here must not stop the loop
                     failures += 1
-                    if failures == 1:
-                        LOGGER.exception("unexpected error following Consul")
-                    self._failed(followed, f"unexpected error: {type(error).__name__}")
-                    index = 0
-                    await asyncio.sleep(_backoff(failures, settings.retry_max))
-                    continue
-                failures = 0
-                self._answered(followed, verdict)
-                if not settings.blocking:
-                    await asyncio.sleep(settings.ttl)
-                    continue
-                if new_index < index:
-                    LOGGER.info(
-                        "Consul index went back from %d to %d: resetting",
-                        index,
-                        new_index,
-                    )
-                    index = 0
-                    continue
-                if new_index == index and time.monotonic() - started < MIN_INTERVAL:
-                    await asyncio.sleep(MIN_INTERVAL)
-                # Index 0 would never block: Consul's advice is to use 1.
-                index = max(new_index, 1)
+                    self._failed(followed, error)
+                    index, delay = 0, _backoff(failures, settings.retry_max)
+                else:
+                    failures = 0
+                    self._answered(followed, verdict)
+                    index, delay = self._next(index, new_index)
+                if blocking:
+                    delay = max(delay, _rate_limit(started))
+                await asyncio.sleep(delay)
         finally:
-            if not self._stopped and self._client is not None:
-                # Cancelled by the loop rather than by stop(): close anyway.
-                self._stopped = True
-                self._client.close()
+            # Cancelled by the loop rather than by stop(): close anyway.
+            self._halt()
+
+    def _wait(self) -> float:
+        """The ``wait`` of the next blocking query: the TTL, less some jitter."""
+        return self.settings.wait * (1 - random.uniform(0, WAIT_JITTER))
+
+    def _next(self, index: int, new_index: int) -> tuple[int, float]:
+        """The index to ask with next, and how long to wait before asking."""
+        if not self.settings.blocking:
+            return 0, self.settings.ttl
+        if new_index < index:
+            LOGGER.info(
+                "Consul index went back from %d to %d: resetting", index, new_index
+            )
+            return 0, 0.0
+        # Index 0 would never block: Consul's advice is to use 1.
+        return max(new_index, 1), 0.0
 
     def _answered(self, followed: _Followed, verdict: st.Verdict) -> None:
         now = time.monotonic()
@@ -368,23 +458,33 @@ class ConsulWatcher:
         followed.answered_at = now
         self._changed(now)
 
-    def _failed(self, followed: _Followed, error: str) -> None:
+    def _failed(self, followed: _Followed, error: Exception) -> None:
+        if isinstance(error, ConsulError):
+            message = str(error)
+        else:
+            message = f"unexpected error: {type(error).__name__}"
+            if type(error) not in self._tracebacks:
+                # The first of each kind, whatever failed before it.
+                self._tracebacks.add(type(error))
+                LOGGER.error("unexpected error following Consul", exc_info=error)
         now = time.monotonic()
-        if error != followed.error:
+        if message != followed.error:
             LOGGER.warning(
                 "cannot follow %s maintenance (%s); %s",
                 followed.source.name,
-                error,
+                message,
                 "serving maintenance once the last answer is older than the TTL"
                 if self.settings.failure_mode == FAIL_CLOSED
                 else "serving the last known status",
             )
         if followed.error is None:
             followed.failed_at = now
-        followed.error = error
+        followed.error = message
         self._changed(now)
 
     def _changed(self, now: float) -> None:
+        if self._stopped:
+            return
         snapshot = self._compute(now)
         # Only an answer with no error in it is the same whatever the time.
         self._snapshot = snapshot if snapshot.consul == st.CONNECTED else None
@@ -392,7 +492,7 @@ class ConsulWatcher:
             self.ready = all(
                 f.verdict is not None or f.error is not None for f in self._followed
             )
-        if self.ready and self._ready is not None:
+        if self.ready:
             self._ready.set()
 
     def _compute(self, now: float) -> st.ConsulStatus:
@@ -447,6 +547,13 @@ class ConsulWatcher:
 _SEVERITY = [st.CONNECTED, st.STARTING, st.UNREACHABLE, st.STALE]
 
 
+def _rate_limit(started: float) -> float:
+    """How long to wait so that the next query starts MIN_QUERY_INTERVAL after
+    the one that started at ``started``, with a little dither; 0 when it has."""
+    remaining = MIN_QUERY_INTERVAL - (time.monotonic() - started)
+    return remaining + random.uniform(0, QUERY_DITHER) if remaining > 0 else 0.0
+
+
 def _backoff(failures: int, cap: float) -> float:
     """Capped exponential backoff with jitter: between half and all of it."""
     ceiling = min(cap, RETRY_MIN * 2 ** min(failures - 1, 32))
@@ -456,45 +563,181 @@ def _backoff(failures: int, cap: float) -> float:
 _WATCHERS: weakref.WeakKeyDictionary[web.Application, ConsulWatcher] = (
     weakref.WeakKeyDictionary()
 )
+"""Each application's watcher: running, not started yet, or stopped."""
 
 
-def watch(application: web.Application) -> ConsulWatcher:
-    """The application's watcher, made and started on first use.
+class _Application:
+    """What is remembered of one application besides its watcher."""
 
-    Call it once at start-up so a bad ``consul_status`` setting fails there
-    (:class:`~.settings.SettingsError`) and Consul's first answer is in memory
-    before the first request; otherwise the first request calls it. Within a
-    running event loop the watcher starts at once; before one runs, it starts
-    when the first request arrives.
-    """
+    def __init__(self) -> None:
+        self.settings: Settings | SettingsError | None = None
+        self.stopped = False  # stop() was called: current() starts nothing
+        self.start_error: str | None = None  # the start failure last logged
+
+    def resolved(self, application: web.Application) -> Settings:
+        """The application's settings, resolved once, good or bad."""
+        if self.settings is None:
+            try:
+                self.settings = resolve(application.settings.get(SETTING))
+            except SettingsError as error:
+                self.settings = error
+        if isinstance(self.settings, SettingsError):
+            # A new exception each time: re-raising one would grow its traceback.
+            raise SettingsError(str(self.settings))
+        return self.settings
+
+
+_APPLICATIONS: weakref.WeakKeyDictionary[web.Application, _Application] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _state(application: web.Application) -> _Application:
+    state = _APPLICATIONS.get(application)
+    if state is None:
+        state = _APPLICATIONS[application] = _Application()
+    return state
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
     try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def current(application: web.Application) -> ConsulWatcher:
+    """The watcher a request of ``application`` reads: what a handler calls.
+
+    It is made and started on first use. After :func:`stop` it is the stopped
+    watcher, answering its last known state, and nothing is started again.
+    A watcher that fails to start is logged (once) and returned unstarted,
+    answering ``starting``; the next call tries again.
+
+    :raises SettingsError: when the ``consul_status`` setting is unusable
+        (found once per application, then remembered).
+    """
+    try:  # inline: this runs on every request
         loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
     except RuntimeError:
         loop = None
     watcher = _WATCHERS.get(application)
+    if (
+        watcher is not None
+        and loop is not None
+        and watcher._loop is loop
+        and not watcher._stopped
+    ):
+        return watcher  # the hot path
+    return _resolve(application, watcher, loop, explicit=False)
+
+
+def watch(application: web.Application) -> ConsulWatcher:
+    """Start following Consul for ``application``: the start-up call.
+
+    Call it once at start-up so a bad ``consul_status`` setting fails there
+    (:class:`~.settings.SettingsError`) and Consul's first answer is in memory
+    before the first request; otherwise the first request starts the watcher
+    (see :func:`current`). Within a running event loop the watcher starts at
+    once; before one runs, it starts when the first request arrives. After
+    :func:`stop` it starts a new watcher.
+    """
+    return _resolve(
+        application, _WATCHERS.get(application), _running_loop(), explicit=True
+    )
+
+
+def _resolve(
+    application: web.Application,
+    watcher: ConsulWatcher | None,
+    loop: asyncio.AbstractEventLoop | None,
+    explicit: bool,
+) -> ConsulWatcher:
+    """:func:`current` and :func:`watch` beyond the hot path."""
+    state = _state(application)
+    if explicit:
+        state.stopped = False
+    if watcher is not None and state.stopped:
+        return watcher
     if watcher is not None and not watcher._stopped:
         owner = watcher._loop
-        if owner is loop and loop is not None:
-            return watcher  # the hot path
-        if owner is None:  # made before any loop ran
+        if owner is None:  # made before any loop ran, or not started yet
             if loop is not None:
-                watcher.start()
+                _start(application, state, watcher)
             return watcher
-        if not owner.is_closed() and (loop is None or owner.is_running()):
+        if owner is loop or (
+            not owner.is_closed() and (loop is None or owner.is_running())
+        ):
             # Asked from another thread, or outside the loop: share the
             # watcher that follows Consul; never replace (and orphan) it.
             return watcher
         watcher.abandon()  # its loop is closed or will not run again
-    config: Any = application.settings.get(SETTING)
-    watcher = ConsulWatcher(Settings.from_mapping(config))
+    watcher = ConsulWatcher(state.resolved(application))
+    if state.stopped:
+        watcher._halt()  # stopped before it ever ran: it answers "stopped"
+    elif loop is not None and not _start(application, state, watcher):
+        return watcher  # not kept: the next call tries again
     _WATCHERS[application] = watcher
-    if loop is not None:
-        watcher.start()
     return watcher
 
 
+def _start(
+    application: web.Application, state: _Application, watcher: ConsulWatcher
+) -> bool:
+    """Start ``watcher`` for ``application``; False (logged once) if it fails."""
+    try:
+        watcher.start()
+    except Exception as error:
+        message = f"{type(error).__name__}: {error}"
+        if message != state.start_error:
+            state.start_error = message
+            LOGGER.error(
+                "cannot start following Consul (trying again on the next request)",
+                exc_info=error,
+            )
+        return False
+    state.start_error = None
+    if watcher._tasks and watcher._orphaned is None:
+        # Ends the watcher if the application goes without stop(); it holds
+        # only a weak reference to the application, and the watcher none.
+        orphaned = weakref.finalize(application, watcher._abandon_from_any_thread)
+        orphaned.atexit = False
+        watcher._orphaned = orphaned
+    return True
+
+
 async def stop(application: web.Application) -> None:
-    """Stop the application's watcher, if it has one; for a clean shutdown."""
-    watcher = _WATCHERS.pop(application, None)
+    """Stop the application's watcher for good; for a clean shutdown.
+
+    Requests go on answering the last known state, with ``consul``
+    :data:`~.status.STOPPED`; only :func:`watch` starts a new watcher.
+    """
+    state = _state(application)
+    state.stopped = True
+    watcher = _WATCHERS.get(application)
     if watcher is not None:
         await watcher.stop()
+
+
+@contextlib.contextmanager
+def replaced(
+    application: web.Application, watcher: ConsulWatcher
+) -> Iterator[ConsulWatcher]:
+    """Within the block, ``watcher`` is the one ``application`` reads.
+
+    Afterwards the application's own watcher (or none) is back, stopped or
+    not as it was. The public seam for tests, as in
+    :func:`~sprockets_status_consul.testing.consul_says`; ``watcher`` is
+    started on first use if it was not, and stopping it is the caller's.
+    """
+    state = _state(application)
+    previous, was_stopped = _WATCHERS.get(application), state.stopped
+    _WATCHERS[application], state.stopped = watcher, False
+    try:
+        yield watcher
+    finally:
+        state.stopped = was_stopped
+        if previous is None:
+            _WATCHERS.pop(application, None)
+        else:
+            _WATCHERS[application] = previous

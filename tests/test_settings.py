@@ -7,6 +7,7 @@ import pathlib
 import pytest
 
 from sprockets_status_consul import FAIL_CLOSED, Settings, SettingsError
+from sprockets_status_consul.settings import resolve as resolve_setting
 
 
 def resolve(config: dict[str, object] | None = None, **env: str) -> Settings:
@@ -165,3 +166,80 @@ def test_ttl_is_bounded_by_consuls_longest_wait() -> None:
         resolve({"ttl": 601})
     with pytest.raises(SettingsError, match=r"consul_status\['ttl'\]"):
         resolve({"ttl": 1e308})
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("failure_mode", "closd"),
+        ("ttl", 0),
+        ("ttl", 601),
+        ("ttl", "10s"),
+        ("ttl", float("inf")),
+        ("timeout", True),
+        ("startup_wait", -1),
+        ("node", "a/b"),
+        ("service", "a/b"),
+        ("key", "/leading"),
+        ("blocking", "yes"),
+        ("verify", None),
+    ],
+)
+def test_settings_built_directly_are_checked_as_the_setting_is(
+    field: str, value: object
+) -> None:
+    """One set of rules: the same problem, named by field instead of key."""
+    with pytest.raises(SettingsError) as direct:
+        Settings(**{field: value})  # type: ignore[arg-type]
+    assert str(direct.value).startswith(f"Settings.{field} ")
+    problem = str(direct.value)[len(f"Settings.{field} ") :]
+    if field in ("blocking", "verify"):
+        return  # the setting also takes "yes"/"no" strings, so its check differs
+    with pytest.raises(SettingsError) as from_setting:
+        resolve({field: value})
+    assert str(from_setting.value) == f"consul_status[{field!r}] {problem}"
+
+
+@pytest.mark.parametrize(
+    ("fields", "names"),
+    [
+        ({"port": 0}, r"Settings\.port must name a port"),
+        ({"port": "8500"}, r"Settings\.port must name a port"),
+        ({"scheme": "ftp"}, r"Settings\.scheme must be 'http' or 'https'"),
+        ({"host": ""}, r"Settings\.host"),
+        ({"cert_file": "/c.pem"}, "needs both cert_file and key_file"),
+        ({"token": "s3cr3t one"}, r"Settings\.token holds spaces"),
+    ],
+)
+def test_fields_only_settings_built_directly_have(
+    fields: dict[str, object], names: str
+) -> None:
+    with pytest.raises(SettingsError, match=names) as error:
+        Settings(**fields)  # type: ignore[arg-type]
+    assert "s3cr3t" not in str(error.value)
+
+
+def test_settings_built_directly_read_no_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CONSUL_HTTP_ADDR", "elsewhere:1")
+    monkeypatch.setenv("CONSUL_HTTP_TOKEN", "from-env")
+    settings = Settings(ttl=2)
+    assert (settings.host, settings.port, settings.token) == ("127.0.0.1", 8500, None)
+    assert settings.ttl == 2.0 and isinstance(settings.ttl, float)
+    assert settings == Settings(ttl=2.0)
+
+
+def test_a_settings_object_is_taken_as_it_is() -> None:
+    settings = Settings(failure_mode=FAIL_CLOSED)
+    assert resolve_setting(settings) is settings
+    assert resolve_setting({"ttl": 2}) == Settings.from_mapping({"ttl": 2})
+    with pytest.raises(SettingsError, match="must be a dict or a Settings"):
+        resolve_setting(["not", "settings"])  # type: ignore[arg-type]
+
+
+def test_a_port_out_of_range_names_the_address() -> None:
+    with pytest.raises(SettingsError, match=r"consul_status\['address'\] must name"):
+        Settings.from_mapping({"address": "h:0"}, environ={})
+    with pytest.raises(SettingsError, match=r"CONSUL_HTTP_ADDR must name"):
+        Settings.from_mapping({}, environ={"CONSUL_HTTP_ADDR": "h:0"})

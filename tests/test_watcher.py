@@ -8,8 +8,15 @@ is covered by the integration tests against a real agent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
+import gc
 import logging
+import os
+import pathlib
+import threading
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -18,9 +25,11 @@ from tornado import web
 
 from sprockets_status_consul import status as st
 from sprockets_status_consul import watcher as watcher_module
-from sprockets_status_consul.settings import Settings
-from sprockets_status_consul.transport import Check, ConsulError
+from sprockets_status_consul.settings import Settings, SettingsError
+from sprockets_status_consul.transport import Check, ConsulClient, ConsulError
 from sprockets_status_consul.watcher import ConsulWatcher
+
+from .consul_agent import AgentBase, free_port
 
 SERF = {"CheckID": "serfHealth", "Status": "passing", "Notes": ""}
 
@@ -101,7 +110,11 @@ def test_first_query_does_not_block_then_blocks_on_the_index() -> None:
         assert watcher.node == "node-1"
 
     consul = run(test, ttl=3.0)
-    assert [(c[1], c[2]) for c in consul.calls] == [(0, None), (7, 3.0)]
+    assert [c[1] for c in consul.calls] == [0, 7]
+    assert consul.calls[0][2] is None
+    wait = consul.calls[1][2]
+    assert wait is not None
+    assert 3.0 * (1 - watcher_module.WAIT_JITTER) <= wait <= 3.0
     assert consul.name_calls == 1
     assert consul.closed
 
@@ -127,6 +140,7 @@ def test_maintenance_follows_the_check_with_its_reason() -> None:
         assert (status.source, status.reason) == ("node", "deploy 42")
         consul.answer(12, {**maint(), "Status": "passing"})
         await until(lambda: watcher.status().status == st.OK)
+        await until(lambda: len(consul.calls) == 4)
 
     consul = run(test)
     assert [c[1] for c in consul.calls] == [0, 5, 9, 12]
@@ -161,16 +175,35 @@ def test_index_zero_is_never_blocked_on() -> None:
     assert consul.calls[1][1] == 1
 
 
-def test_an_unchanged_early_answer_is_not_asked_again_at_once() -> None:
+@pytest.mark.parametrize("indexes", [(5, 5, 5, 5), (5, 6, 7, 8)])
+def test_blocking_queries_of_a_source_are_never_closer_than_the_interval(
+    indexes: tuple[int, ...],
+) -> None:
+    """Unchanged or not, an early answer is not followed by a query at once."""
+
     async def test(watcher: ConsulWatcher, consul: ScriptedConsul) -> None:
-        consul.answer(5)
-        consul.answer(5)
-        consul.answer(5)
-        await until(lambda: len(consul.calls) == 4)
+        for index in indexes:
+            consul.answer(index)
+        await until(lambda: len(consul.calls) == len(indexes) + 1)
 
     consul = run(test)
-    gaps = [b[3] - a[3] for a, b in zip(consul.calls[1:], consul.calls[2:])]
-    assert min(gaps) >= watcher_module.MIN_INTERVAL * 0.9
+    # From the first blocking query on (the first, not blocking, is let go).
+    starts = [c[3] for c in consul.calls[1:]]
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert min(gaps) >= watcher_module.MIN_QUERY_INTERVAL
+    assert max(gaps) < 1.0
+
+
+def test_the_blocking_wait_is_jittered_below_the_ttl() -> None:
+    async def test(watcher: ConsulWatcher, consul: ScriptedConsul) -> None:
+        for index in range(5, 10):
+            consul.answer(index)
+        await until(lambda: len(consul.calls) == 6)
+
+    consul = run(test, ttl=10.0)
+    waits = [c[2] for c in consul.calls[1:]]
+    assert all(w is not None and 9.0 <= w <= 10.0 for w in waits), waits
+    assert len(set(waits)) == len(waits)
 
 
 def test_errors_keep_the_last_answer_then_go_stale(
@@ -249,6 +282,24 @@ def test_a_bug_is_logged_once_and_the_loop_goes_on(
     with caplog.at_level(logging.INFO, logger="sprockets_status_consul"):
         run(test, retry_max=0.01)
     assert caplog.text.count("Traceback") == 1
+
+
+def test_the_first_bug_of_each_kind_is_logged_even_after_consul_errors(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def test(watcher: ConsulWatcher, consul: ScriptedConsul) -> None:
+        consul.fail(ConsulError("cannot reach the agent"))
+        consul.fail(RuntimeError("surprise"))
+        consul.fail(RuntimeError("surprise again"))
+        consul.fail(KeyError("Checks"))
+        consul.answer(4)
+        await until(lambda: watcher.status().consul == st.CONNECTED)
+
+    with caplog.at_level(logging.INFO, logger="sprockets_status_consul"):
+        run(test, retry_max=0.01)
+    tracebacks = [r.exc_info[1] for r in caplog.records if r.exc_info]
+    assert [type(e) for e in tracebacks] == [RuntimeError, KeyError]
+    assert str(tracebacks[0]) == "surprise"
 
 
 def test_ttl_polling_without_blocking_queries() -> None:
@@ -354,3 +405,311 @@ def test_watch_replaces_a_watcher_whose_loop_is_gone() -> None:
     new = asyncio.run(first())
     assert new is not old
     assert old._stopped
+
+
+# The lifecycle: watch(), current(), stop() ----------------------------------
+
+
+def dead_end_app(**settings: Any) -> web.Application:
+    """An application whose Consul address has nothing listening."""
+    return web.Application(
+        consul_status={"address": f"127.0.0.1:{free_port()}", **settings}
+    )
+
+
+def test_a_watcher_that_fails_to_start_is_logged_once_and_tried_again(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As on Tornado 6.1, where making the client raised: never a dead watcher."""
+
+    class Unbuildable:
+        def __init__(self, settings: Settings) -> None:
+            raise AttributeError("module 'tornado.netutil' has no attribute 'X'")
+
+    async def main() -> None:
+        app = dead_end_app(failure_mode="closed")
+        monkeypatch.setattr(watcher_module, "ConsulClient", Unbuildable)
+        for _ in range(3):
+            watcher = watcher_module.current(app)
+            assert not watcher.running
+            assert watcher.status().consul == st.STARTING
+            assert await watcher.wait_ready(5) is False  # at once, no wait
+        monkeypatch.undo()
+        watcher = watcher_module.current(app)
+        assert watcher.running
+        assert watcher_module.current(app) is watcher
+        await watcher_module.stop(app)
+
+    with caplog.at_level(logging.INFO, logger="sprockets_status_consul"):
+        asyncio.run(asyncio.wait_for(main(), 2))
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    assert "cannot start following Consul" in errors[0].getMessage()
+
+
+def test_after_stop_the_last_state_is_answered_and_nothing_starts() -> None:
+    async def main() -> None:
+        consul = ScriptedConsul()
+        app = web.Application()
+        with watcher_module.replaced(app, ConsulWatcher(Settings(), client=consul)):  # type: ignore[arg-type]
+            watcher = watcher_module.current(app)
+            consul.answer(5, maint("deploy 42"))
+            await until(lambda: watcher.status().status == st.MAINTENANCE)
+            await watcher_module.stop(app)
+            for _ in range(3):
+                assert watcher_module.current(app) is watcher
+            status = watcher.status()
+            assert (status.status, status.consul, status.reason) == (
+                st.MAINTENANCE,
+                st.STOPPED,
+                "deploy 42",
+            )
+            assert {s.consul for s in status.sources} == {st.STOPPED}
+            assert watcher.ready and await watcher.wait_ready(5)
+            assert not watcher.running and not watcher._tasks
+            assert len(consul.calls) == 2
+
+    asyncio.run(main())
+
+
+def test_stop_before_the_first_request_sticks_and_watch_starts_again() -> None:
+    async def main() -> None:
+        app = dead_end_app()
+        await watcher_module.stop(app)
+        stopped = watcher_module.current(app)
+        assert stopped.status().consul == st.STOPPED
+        assert not stopped.running
+        assert watcher_module.current(app) is stopped
+        started = watcher_module.watch(app)  # the explicit start-up call
+        assert started is not stopped and started.running
+        assert watcher_module.current(app) is started
+        await watcher_module.stop(app)
+
+    asyncio.run(main())
+
+
+def reuse_after_closing_the_loop(app: web.Application) -> None:
+    """An application reused after a fixture closed its loop, tasks pending."""
+
+    async def current() -> ConsulWatcher:
+        watcher = watcher_module.current(app)
+        await watcher.wait_ready(5)
+        return watcher
+
+    loop = asyncio.new_event_loop()
+    old = loop.run_until_complete(current())
+    assert old._tasks
+    loop.close()  # as an IOLoop does: its tasks are never cancelled
+    new = asyncio.run(current())
+    assert new is not old and new.ready
+    assert old.status().consul == st.STOPPED
+
+
+def test_abandon_on_a_closed_loop_does_not_raise() -> None:
+    reuse_after_closing_the_loop(dead_end_app())
+
+
+def test_abandon_on_a_closed_loop_with_a_query_waiting(
+    consul_agent: AgentBase,
+) -> None:
+    app = web.Application(consul_status={"address": consul_agent.http_addr})
+    reuse_after_closing_the_loop(app)
+
+
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id")
+
+
+def test_the_watcher_runs_in_a_context_of_its_own(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A request's contextvars stay out of the watcher's tasks and log lines."""
+    seen: list[str | None] = []
+
+    class Seeing(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            seen.append(REQUEST_ID.get(None))
+            return True
+
+    class ContextScriptedConsul(ScriptedConsul):
+        async def node_name(self) -> str:
+            seen.append(REQUEST_ID.get(None))
+            return await super().node_name()
+
+    async def request(app: web.Application) -> ConsulWatcher:
+        REQUEST_ID.set("request-1")  # as a request's logging context does
+        return watcher_module.current(app)
+
+    async def main() -> None:
+        consul = ContextScriptedConsul()
+        app = web.Application()
+        watcher = ConsulWatcher(Settings(), client=consul)  # type: ignore[arg-type]
+        with watcher_module.replaced(app, watcher):
+            await asyncio.create_task(request(app))
+            consul.answer(5)
+            await until(lambda: watcher.status().consul == st.CONNECTED)
+            await watcher.stop()
+
+    seeing = Seeing()
+    watcher_module.LOGGER.addFilter(seeing)
+    try:
+        with caplog.at_level(logging.INFO, logger="sprockets_status_consul"):
+            asyncio.run(main())
+    finally:
+        watcher_module.LOGGER.removeFilter(seeing)
+    assert len(seen) >= 2  # the node_name query, the "following" line
+    assert seen == [None] * len(seen)
+
+
+def test_a_bad_setting_is_found_once_and_remembered(tmp_path: pathlib.Path) -> None:
+    """The token file is read once; every later call raises the same error."""
+    token_file = tmp_path / "token"
+    token_file.write_text("")
+    app = web.Application(consul_status={"token_file": str(token_file)})
+    with pytest.raises(SettingsError, match="is empty") as first:
+        watcher_module.current(app)
+    token_file.unlink()  # read again, it would be "cannot read"
+    for call in (watcher_module.current, watcher_module.watch):
+        with pytest.raises(SettingsError) as again:
+            call(app)
+        assert str(again.value) == str(first.value)
+
+
+def test_good_settings_are_resolved_once_per_application(
+    tmp_path: pathlib.Path,
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("the-token")
+    app = dead_end_app(token_file=str(token_file))
+
+    async def main() -> None:
+        first = watcher_module.watch(app)
+        await watcher_module.stop(app)
+        token_file.unlink()
+        second = watcher_module.watch(app)
+        assert second is not first and second.settings.token == "the-token"
+        await watcher_module.stop(app)
+
+    asyncio.run(main())
+
+
+def test_a_settings_object_is_a_consul_status_value() -> None:
+    settings = Settings(port=free_port(), failure_mode="closed", ttl=2)
+    app = web.Application(consul_status=settings)
+    assert watcher_module.watch(app).settings is settings
+
+
+def connections_to(port: int) -> int:
+    """This process's established TCP connections to ``port``."""
+    sockets = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith("socket:["):
+                sockets.add(target[len("socket:[") : -1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            next(lines)
+            for line in lines:
+                fields = line.split()
+                remote, state, inode = fields[2], fields[3], fields[9]
+                established = state == "01"
+                if established and inode in sockets:
+                    count += int(remote.rsplit(":", 1)[1], 16) == port
+    return count
+
+
+def test_a_collected_application_ends_its_watcher(consul_agent: AgentBase) -> None:
+    """Without stop(): its tasks end and its connection to the agent closes."""
+    port = int(consul_agent.http_addr.rsplit(":", 1)[1])
+
+    async def main() -> None:
+        app = web.Application(consul_status={"address": consul_agent.http_addr})
+        before = connections_to(port)
+        watcher = watcher_module.watch(app)
+        await watcher.wait_ready(5)
+        await until(lambda: connections_to(port) > before)  # a query waits
+        tasks = list(watcher._tasks)
+        del app
+        gc.collect()
+        await until(lambda: all(task.done() for task in tasks), timeout=5)
+        await until(lambda: connections_to(port) == before, timeout=5)
+        assert watcher.status().consul == st.STOPPED
+
+    asyncio.run(main())
+
+
+def test_an_application_collected_in_another_thread_ends_its_watcher() -> None:
+    """The loop runs in one thread, the garbage collector in another."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever)
+    thread.start()
+    try:
+        app = dead_end_app()
+
+        async def start(application: web.Application) -> ConsulWatcher:
+            return watcher_module.watch(application)
+
+        watcher = asyncio.run_coroutine_threadsafe(start(app), loop).result(5)
+        tasks = list(watcher._tasks)
+        del app
+        gc.collect()
+        deadline = time.monotonic() + 5
+        while not all(task.done() for task in tasks):
+            assert time.monotonic() < deadline, "the watcher still runs"
+            time.sleep(0.005)
+        assert watcher.status().consul == st.STOPPED
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
+
+
+class CountingClient(ConsulClient):
+    """The real client, counting the KV queries it sends."""
+
+    kv_queries = 0
+
+    async def kv_value(
+        self, key: str, index: int = 0, wait: float | None = None
+    ) -> tuple[int, bytes | None]:
+        self.kv_queries += 1
+        return await super().kv_value(key, index, wait)
+
+
+def test_writes_to_other_keys_do_not_spin_a_watcher_of_a_missing_key(
+    consul_agent: AgentBase,
+) -> None:
+    """On Consul 1.8 a missing key's index moves with every KV write anywhere."""
+    prefix = f"ssc-test/{uuid.uuid4().hex}"
+    settings = Settings.from_mapping(
+        {"address": consul_agent.http_addr, "key": f"{prefix}/maintenance"}
+    )
+    writes = 200
+
+    def write_other_keys() -> float:
+        started = time.monotonic()
+        for n in range(writes):
+            answer = consul_agent.request("PUT", f"/v1/kv/{prefix}/other/{n}", body=n)
+            assert answer.status == 200
+        return time.monotonic() - started
+
+    async def main() -> tuple[int, float]:
+        client = CountingClient(settings)
+        watcher = ConsulWatcher(settings, client=client)
+        watcher.start()
+        try:
+            await watcher.wait_ready(5)
+            await until(lambda: client.kv_queries == 2)  # now blocking
+            seconds = await asyncio.to_thread(write_other_keys)
+            queries = client.kv_queries - 2
+            assert watcher.status().status == st.OK
+        finally:
+            await watcher.stop()
+            consul_agent.request("DELETE", f"/v1/kv/{prefix}", params={"recurse": ""})
+        return queries, seconds
+
+    queries, seconds = asyncio.run(main())
+    print(f"\n{writes} writes to other keys in {seconds:.2f} s: {queries} queries")
+    assert queries <= seconds / watcher_module.MIN_QUERY_INTERVAL + 2
+    assert queries < writes / 4
