@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import common, consul_load, memory, propagation, throughput
+from bench import common, consul_load, fleet, memory, propagation, throughput
 from bench.common import (
     Bench,
     LoadGenerator,
@@ -44,6 +44,7 @@ BENCHMARKS: dict[str, Any] = {
     "consul_load": consul_load,
     "propagation": propagation,
     "memory": memory,
+    "fleet": fleet,
 }
 """Every benchmark, in the order they run and report."""
 SINGLE_HOST = ("throughput", "consul_load", "propagation", "memory")
@@ -250,6 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         common.write_results(out / "results.json", dataclasses.asdict(run), results)
     if any(n in results for n in SINGLE_HOST):
         print(plot(run, results, None if out is None else out / "results.png"))
+    if "fleet" in results:
+        print(fleet.plot(results["fleet"], None if out is None else out / "fleet.png"))
     return 0
 
 
