@@ -90,17 +90,27 @@ class Row:
     server_flipping_s_per_min: float
     sockets: dict[str, dict[str, dict[str, int]]]
     """By agent HTTP address: by side (``agent``: the socket's local address
-    is the agent's port; ``client``: its peer is) and state, at the end of
-    the idle time."""
+    is the agent's port; ``client``: its peer is) and state (``ss`` names),
+    at the end of the idle time."""
 
     def latencies(self) -> list[float]:
         return [ms for flip in self.flips for ms in flip.ms]
 
-    def agent_side(self) -> list[int]:
-        """Sockets whose address is the agent's HTTP port, per agent."""
-        return [sum(s["agent"].values()) for s in self.sockets.values()]
+    def held(self) -> list[int]:
+        """Per agent, the sockets on its HTTP port, each connection once.
+
+        The agent's end of each connection (and its listener), and the
+        backend's end of a closed one still lingering (TIME-WAIT): whichever
+        side closes first, a connection that churns shows.
+        """
+        return [
+            sum(s["agent"].values())
+            + sum(n for state, n in s["client"].items() if state != "ESTAB")
+            for s in self.sockets.values()
+        ]
 
     def state(self, state: str) -> int:
+        """Sockets in ``state`` on the agents' HTTP ports, both ends."""
         return sum(
             side.get(state, 0) for s in self.sockets.values() for side in s.values()
         )
@@ -142,7 +152,7 @@ def make_plan(smoke: bool, options: argparse.Namespace) -> Plan:
 
 
 class Cluster:
-    """One Consul server and K client agents joined to it, on 127.0.0.2 on.
+    """One Consul server on 127.0.0.2, K client agents on 127.0.0.3 on, joined.
 
     Starting agents blocks the event loop for a few seconds: the fleet runs
     alone (see :func:`bench.__main__.measure`).
@@ -175,7 +185,6 @@ class Changes:
 
     def __init__(self, backends: Sequence[Backend]) -> None:
         self.last: list[tuple[float, str]] = [(0.0, "ok") for _ in backends]
-        self.lines = 0
         self._event = asyncio.Event()
         self._tasks = [
             asyncio.ensure_future(self._read(i, b)) for i, b in enumerate(backends)
@@ -188,7 +197,6 @@ class Changes:
             word, at, status = line.decode().split()
             if word == "status":
                 self.last[i] = (float(at), status)
-                self.lines += 1
                 self._event.set()
 
     async def wait(self, status: str, since: float, timeout: float) -> list[float]:
@@ -299,7 +307,7 @@ async def _fleet(
         server_idle = (cpu_ns(server) - server_cpu) / idle
 
         flips: list[Flip] = []
-        flipping, flip_cpu, flip_seconds = 0.0, 0.0, 0.0
+        flip_cpu, flip_seconds = 0, 0.0
         started, server_cpu = time.monotonic(), cpu_ns(server)
         for i in range(plan.flips):
             await asyncio.sleep(random.uniform(0.2, 0.4))
@@ -390,12 +398,12 @@ def targets(result: Result) -> list[Target]:
                     worst <= limit,
                 )
             )
-        sockets = sum(row.agent_side())
+        sockets = sum(row.held())
         out.append(
             (
                 f"fleet, {b} backends on {k} agents: sockets on the agents' "
                 f"HTTP ports while idle <= B + K = {b + k}",
-                f"{sockets} ({row.state('TIME-WAIT')} in TIME-WAIT, both sides)",
+                f"{sockets} ({row.state('TIME-WAIT')} in TIME-WAIT)",
                 sockets <= b + k,
             )
         )
@@ -425,12 +433,13 @@ def render(result: Result) -> list[str]:
         "(median and nearest-rank p99 of every backend in every flip; worst: "
         "the last backend of the slowest flip). CPU per change: the "
         "backends' CPU over the flips, less their idle CPU in as long, per "
-        "change per backend. Server CPU: seconds of CPU per minute, over "
+        "change per backend (when polling, changes come with polls made "
+        "anyway: noise around 0). Server CPU: seconds of CPU per minute, over "
         f"{plan.idle_seconds:g} s idle and over the flips. Sockets: `ss -tan` "
-        f"after {plan.idle_seconds:g} s idle, every state: on the agents' "
-        "side (local address an agent's HTTP port, listener included), per "
-        "agent, and on the backends' side (peer address an agent's HTTP "
-        "port). Targets in the headers.",
+        f"after {plan.idle_seconds:g} s idle, on the agents' HTTP ports, each "
+        "connection once: the agent's end (listeners included), and the "
+        "backend's end of a closed connection (TIME-WAIT, whichever side "
+        "closed first). Targets in the headers.",
         "",
     ]
     rows = []
@@ -438,7 +447,6 @@ def render(result: Result) -> list[str]:
         ms = row.latencies()
         b, k = row.backends, row.agents
         worst = TARGET_WORST_MS.get(b)
-        client_side = sum(sum(s["client"].values()) for s in row.sockets.values())
         rows.append(
             [
                 row.mode,
@@ -451,9 +459,9 @@ def render(result: Result) -> list[str]:
                 f"{row.backend_idle_ms_per_min:.1f}",
                 f"{row.server_idle_s_per_min:.2f}",
                 f"{row.server_flipping_s_per_min:.2f}",
-                f"{sum(row.agent_side())} (≤ {b + k})",
-                " / ".join(map(str, row.agent_side())),
-                str(client_side),
+                f"{sum(row.held())} (≤ {b + k})",
+                " / ".join(map(str, row.held())),
+                str(sum(s["agent"].get("ESTAB", 0) for s in row.sockets.values())),
                 str(row.state("TIME-WAIT")),
             ]
         )
@@ -469,10 +477,10 @@ def render(result: Result) -> list[str]:
             "backend idle CPU (ms/min each)",
             "server CPU s/min idle",
             "server CPU s/min flipping",
-            "sockets, agents' side (≤ B + K)",
+            "sockets on agent ports, idle (≤ B + K)",
             "per agent",
-            "sockets, backends' side",
-            "of all: TIME-WAIT",
+            "established",
+            "TIME-WAIT",
         ],
         rows,
     )
@@ -488,7 +496,7 @@ def plot(result: Result, path: Path | None) -> str:
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
     (latency, cpu), (sockets, server) = axes
     counts = list(plan.counts)
-    for mode, style in (("blocking", "-"), ("polling", "--")):
+    for mode, style in (("blocking", "-o"), ("polling", "--s")):
         rows = [r for r in result.rows if r.mode == mode]
         x = [r.backends for r in rows]
         for name, color, figure in (
@@ -501,12 +509,22 @@ def plot(result: Result, path: Path | None) -> str:
                 [figure(r) for r in rows],
                 style,
                 color=color,
-                marker="o",
+                fillstyle="none" if mode == "polling" else "full",
                 label=f"{mode} {name}",
             )
-        cpu.plot(x, [r.cpu_change_ms for r in rows], style, marker="o", label=mode)
+        cpu.plot(
+            x,
+            [r.cpu_change_ms for r in rows],
+            style,
+            fillstyle="none" if mode == "polling" else "full",
+            label=mode,
+        )
         sockets.plot(
-            x, [sum(r.agent_side()) for r in rows], style, marker="o", label=mode
+            x,
+            [sum(r.held()) for r in rows],
+            style,
+            fillstyle="none" if mode == "polling" else "full",
+            label=mode,
         )
         for when, color, figure in (
             ("idle", "C2", lambda r: r.server_idle_s_per_min),
@@ -517,7 +535,7 @@ def plot(result: Result, path: Path | None) -> str:
                 [figure(r) for r in rows],
                 style,
                 color=color,
-                marker="o",
+                fillstyle="none" if mode == "polling" else "full",
                 label=f"{mode}, {when}",
             )
     for b, limit in TARGET_WORST_MS.items():
