@@ -5,7 +5,7 @@
     python -m bench.backends --kind watch --consul 127.0.0.1:8500
 
 Kinds, all answering the same JSON body with the same headers (the run checks
-that they do, see ``answers_differ`` in :mod:`bench.run`):
+that they do, see ``answers_differ`` in :mod:`bench.throughput`):
 
 ``plain``
     a plain Tornado handler writing the JSON, no Consul: the limit. The
@@ -261,10 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="print 'status MONOTONIC STATUS' when the answer changes",
     )
     args = parser.parse_args(argv)
-    if (args.key or args.ttl or args.report_changes) and args.kind not in (
-        "poll",
-        "watch",
-    ):
+    following = args.key or args.ttl or args.report_changes
+    if following and args.kind not in ("poll", "watch"):
         parser.error("--key, --ttl and --report-changes need --kind poll or watch")
     follow: dict[str, Any] = {}
     if args.key:
