@@ -90,7 +90,9 @@ async def measure(
     if not bench.smoke:
         return dict(await in_turn(names))
     single = [n for n in SINGLE_HOST if n in names]
-    groups = [[n for n in ("throughput", "propagation") if n in single]]
+    groups: list[list[str]] = [
+        [n for n in ("throughput", "propagation") if n in single]
+    ]
     groups += [[n] for n in single if n not in groups[0]]
     results = await asyncio.gather(*(in_turn(group) for group in groups if group))
     done = dict(pair for group in results for pair in group)

@@ -32,6 +32,9 @@ from bench.loadgen import KeepAliveClient
 # to become sprockets_status_consul.dev_agent (its binary lookup too)
 from tests.consul_agent import ConsulUnavailable, DevAgent, find_or_fetch_consul
 
+Agent = DevAgent
+"""A Consul agent that a benchmark started."""
+
 ROOT = Path(__file__).resolve().parent.parent
 """The repository: backends run from here, and results are written under it."""
 
@@ -67,7 +70,7 @@ def consul_binary() -> str:
         raise SystemExit(f"error: no Consul binary: {error}") from error
 
 
-def start_agent(binary: str, host: str, extra_args: Sequence[str] = ()) -> DevAgent:
+def start_agent(binary: str, host: str, extra_args: Sequence[str] = ()) -> Agent:
     """A Consul dev agent on ``host`` with free ports, started, logging warnings.
 
     ``$CONSUL_HTTP_ADDR`` is ignored: the benchmarks change the agent's state.
@@ -480,14 +483,14 @@ class Bench:
     smoke: bool
     binary: str
     """The ``consul`` binary."""
-    agent: DevAgent | None
+    agent: Agent | None
     """The run's dev agent on 127.0.0.1 (None when no benchmark needs it)."""
     procs: Processes
     load: LoadGenerator
     pinning: Pinning
 
     @property
-    def dev_agent(self) -> DevAgent:
+    def dev_agent(self) -> Agent:
         if self.agent is None:
             raise RuntimeError("this benchmark needs the run's dev agent")
         return self.agent

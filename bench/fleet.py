@@ -63,7 +63,7 @@ class Plan:
 
 
 FULL = Plan(counts=(16, 64, 128), agents=4, flips=10, idle_seconds=70.0, ttl=None)
-SMOKE = Plan(counts=(4,), agents=2, flips=2, idle_seconds=2.0, ttl=1.0)
+SMOKE = Plan(counts=(4,), agents=2, flips=2, idle_seconds=1.0, ttl=1.0)
 
 
 @dataclasses.dataclass
@@ -160,7 +160,7 @@ class Cluster:
 
     def __init__(self, binary: str, clients: int) -> None:
         self.server = common.start_agent(binary, "127.0.0.2")
-        self.clients: list[common.DevAgent] = []
+        self.clients: list[common.Agent] = []
         try:
             join = f"-retry-join={self.server.host}:{self.server.ports['serf_lan']}"
             for i in range(clients):
@@ -310,7 +310,10 @@ async def _fleet(
         flip_cpu, flip_seconds = 0, 0.0
         started, server_cpu = time.monotonic(), cpu_ns(server)
         for i in range(plan.flips):
-            await asyncio.sleep(random.uniform(0.2, 0.4))
+            # Polling backends see a change at their next poll: flip at any
+            # point of their TTL, not just after they all took the last one.
+            ttl = (plan.ttl or TTL) if mode == "polling" else 0.4
+            await asyncio.sleep(random.uniform(0.2, ttl))
             before, cpu = time.monotonic(), _cpu(pids)
             flips.append(await _flip(plan, api, key, changes, i % 2 == 0))
             await asyncio.sleep(SETTLE)
@@ -428,7 +431,9 @@ def render(result: Result) -> list[str]:
         f"loopback, B backend processes spread over the clients, each "
         f"following its node and one KV key (TTL {ttl}); blocking: the "
         'defaults; polling: `"blocking": False`. Flip: the key written or '
-        f"deleted, {plan.flips} flips in turn; ms from the write being sent "
+        f"deleted, {plan.flips} flips in turn, after a pause of 0.2 to 0.4 s "
+        "(polling: 0.2 s to a TTL, so that flips land anywhere in the polls' "
+        "cycle); ms from the write being sent "
         "until a backend took the change, reported by the backend itself "
         "(median and nearest-rank p99 of every backend in every flip; worst: "
         "the last backend of the slowest flip). CPU per change: the "

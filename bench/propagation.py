@@ -20,8 +20,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from bench.common import (
+    Agent,
     Bench,
-    DevAgent,
     Target,
     clean_env,
     consul_api,
@@ -143,7 +143,7 @@ class Pollers:
         return True
 
 
-async def _flip_cli(agent: DevAgent, enable: bool, reason: str) -> float:
+async def _flip_cli(agent: Agent, enable: bool, reason: str) -> float:
     args = ["maint", "-enable", "-reason", reason] if enable else ["maint", "-disable"]
     process = await asyncio.create_subprocess_exec(
         agent.binary,
@@ -209,7 +209,7 @@ async def measure(plan: Plan, bench: Bench) -> Result:
 
 
 async def _one_flip(
-    agent: DevAgent,
+    agent: Agent,
     api: KeepAliveClient,
     pollers: Pollers,
     count: int,
