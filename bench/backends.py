@@ -5,7 +5,7 @@
     python -m bench.backends --kind watch --consul 127.0.0.1:8500
 
 Kinds, all answering the same JSON body with the same headers (the run checks
-that they do, see ``answers_differ`` in :mod:`bench.run`):
+that they do, see ``answers_differ`` in :mod:`bench.throughput`):
 
 ``plain``
     a plain Tornado handler writing the JSON, no Consul: the limit. The
@@ -23,6 +23,13 @@ that they do, see ``answers_differ`` in :mod:`bench.run`):
 ``watch``
     :class:`~sprockets_status_consul.ConsulStatusHandler` with its defaults.
 
+For ``poll`` and ``watch``, ``--key`` makes the watcher follow a KV key too
+(the fleet-wide switch) and ``--ttl`` sets its TTL; ``--report-changes``
+makes the process print ``status MONOTONIC STATUS`` (``time.monotonic()``,
+the same clock in every process of the machine) as soon as the watcher's
+answer changes, so the fleet benchmark learns when each backend took a change
+without polling ``/status``.
+
 The process listens on a free loopback port and prints ``ready PORT PID`` once
 it can answer (for ``poll`` and ``watch``, once the watcher has Consul's first
 answer). SIGTERM or SIGINT stops it cleanly, exit code 0. Requests are not
@@ -38,6 +45,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -136,8 +144,13 @@ async def _node_name(client: Any) -> str:
     return str(answer["Config"]["NodeName"])
 
 
-async def make_app(kind: str, address: str) -> tuple[web.Application, Any]:
-    """The application of ``kind``, ready to answer; and what to stop with it."""
+async def make_app(
+    kind: str, address: str, follow: dict[str, Any] | None = None
+) -> tuple[web.Application, Any]:
+    """The application of ``kind``, ready to answer; and what to stop with it.
+
+    ``follow``: more ``consul_status`` settings (``poll`` and ``watch`` only).
+    """
     if kind in ("plain", "plain-import"):
         if kind == "plain-import":
             import sprockets_status_consul  # noqa: F401
@@ -160,7 +173,7 @@ async def make_app(kind: str, address: str) -> tuple[web.Application, Any]:
         raise ValueError(f"unknown kind {kind!r}")
     import sprockets_status_consul as ssc
 
-    settings: dict[str, Any] = {"address": address}
+    settings: dict[str, Any] = {"address": address, **(follow or {})}
     if kind == "poll":
         settings["blocking"] = False
     app = web.Application(
@@ -175,8 +188,47 @@ async def make_app(kind: str, address: str) -> tuple[web.Application, Any]:
     return app, ssc.stop
 
 
-async def serve(kind: str, consul: str) -> None:
-    app, stop = await make_app(kind, consul)
+class ChangeReporter(logging.Handler):
+    """Prints ``status MONOTONIC STATUS`` whenever the watcher's answer changes.
+
+    The watcher logs a line when maintenance starts or ends; on any line of
+    the library's this handler looks at the watcher's answer once the
+    watcher is done with it (``call_soon``), and prints the time of a change.
+    It costs a backend a log record and a line on stdout per change, nothing
+    while nothing changes.
+    """
+
+    def __init__(self, watcher: Any) -> None:
+        super().__init__(logging.INFO)
+        self.watcher = watcher
+        self.loop = asyncio.get_running_loop()
+        self.last = watcher.status().status
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.loop.call_soon(self.check)
+
+    def check(self) -> None:
+        status = self.watcher.status().status
+        if status != self.last:
+            self.last = status
+            print(f"status {time.monotonic():.6f} {status}", flush=True)
+
+
+def report_changes(app: web.Application) -> None:
+    """Attach a :class:`ChangeReporter` to the application's watcher."""
+    import sprockets_status_consul as ssc
+
+    for handler in logging.getLogger().handlers:  # the log stays at WARNING
+        handler.setLevel(logging.WARNING)
+    logger = logging.getLogger(ssc.__name__)
+    logger.setLevel(logging.INFO)
+    logger.addHandler(ChangeReporter(ssc.watch(app)))
+
+
+async def serve(kind: str, consul: str, follow: dict[str, Any], changes: bool) -> None:
+    app, stop = await make_app(kind, consul, follow)
+    if changes:
+        report_changes(app)
     sockets = netutil.bind_sockets(0, "127.0.0.1")
     server = httpserver.HTTPServer(app)
     server.add_sockets(sockets)
@@ -201,9 +253,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--consul", required=True, help="the Consul agent (or proxy), host:port"
     )
+    parser.add_argument("--key", help="a KV key to follow too (poll, watch)")
+    parser.add_argument("--ttl", type=float, help="the watcher's TTL (poll, watch)")
+    parser.add_argument(
+        "--report-changes",
+        action="store_true",
+        help="print 'status MONOTONIC STATUS' when the answer changes",
+    )
     args = parser.parse_args(argv)
+    following = args.key or args.ttl or args.report_changes
+    if following and args.kind not in ("poll", "watch"):
+        parser.error("--key, --ttl and --report-changes need --kind poll or watch")
+    follow: dict[str, Any] = {}
+    if args.key:
+        follow["key"] = args.key
+    if args.ttl:
+        follow["ttl"] = args.ttl
     logging.basicConfig(level=logging.WARNING, format="%(name)s %(message)s")
-    asyncio.run(serve(args.kind, args.consul))
+    asyncio.run(serve(args.kind, args.consul, follow, args.report_changes))
     return 0
 
 

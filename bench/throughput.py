@@ -1,0 +1,260 @@
+"""1. Throughput of one backend process serving ``/status``.
+
+A plain Tornado handler (the limit), the seed-style handler that asks Consul
+in ``prepare``, ``ConsulStatusHandler`` polling every TTL, and
+``ConsulStatusHandler`` with its defaults: several alternating rounds under
+wrk (or :mod:`bench.loadgen`), medians. The backend is pinned to one core and
+the load generator to another when ``taskset`` and two cores are there. The
+backends must answer alike (status line, headers but ``Date``, body), or
+their throughputs would not compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+from bench.common import (
+    LABELS,
+    SHORT,
+    Backend,
+    Bench,
+    Target,
+    cpu_ns,
+    progress,
+    start_backends,
+    table,
+    vm_rss_kb,
+)
+
+KINDS = ("plain", "seed", "poll", "watch")
+TARGET_RATIO = 0.97
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    rounds: int
+    round_seconds: float
+    warmup_seconds: float
+
+
+FULL = Plan(rounds=5, round_seconds=5.0, warmup_seconds=1.0)
+SMOKE = Plan(rounds=1, round_seconds=0.1, warmup_seconds=0.0)
+
+
+@dataclasses.dataclass
+class Row:
+    kind: str
+    rates: list[float]
+    cpu_us: list[float]
+    """CPU time the backend process spent per answer, in microseconds."""
+    non_200: int
+    errors: int
+    rss_kb: int
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.rates)
+
+    @property
+    def cpu_median(self) -> float:
+        return statistics.median(self.cpu_us)
+
+
+@dataclasses.dataclass
+class Result:
+    plan: Plan
+    rows: list[Row]
+    load_generator: str
+    pinning: str
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rounds", type=int, help="throughput rounds")
+    parser.add_argument(
+        "--round-seconds", type=float, help="seconds of each throughput round"
+    )
+
+
+def make_plan(smoke: bool, options: argparse.Namespace) -> Plan:
+    plan = SMOKE if smoke else FULL
+    if options.rounds:
+        plan = dataclasses.replace(plan, rounds=options.rounds)
+    if options.round_seconds:
+        plan = dataclasses.replace(plan, round_seconds=options.round_seconds)
+    return plan
+
+
+async def fetch_raw(port: int) -> tuple[bytes, dict[bytes, bytes], bytes]:
+    """GET /status once: status line, headers (lower-case names), body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10.0)
+        line, *lines = head[:-4].split(b"\r\n")
+        headers = {}
+        for header in lines:
+            name, _, value = header.partition(b":")
+            headers[name.strip().lower()] = value.strip()
+        length = int(headers.get(b"content-length", b"0"))
+        body = await asyncio.wait_for(reader.readexactly(length), 10.0)
+    finally:
+        writer.close()
+    return line, headers, body
+
+
+async def answers_differ(reference: Backend, others: Sequence[Backend]) -> list[str]:
+    """How the answers of ``others`` differ from that of ``reference``.
+
+    Everything but the ``Date`` header must be the same, or the comparison
+    of throughputs is not a fair one.
+    """
+    want_line, want_headers, want_body = await fetch_raw(reference.port)
+    want_headers.pop(b"date", None)
+    differences = []
+    for backend in others:
+        line, headers, body = await fetch_raw(backend.port)
+        headers.pop(b"date", None)
+        if (line, headers, body) != (want_line, want_headers, want_body):
+            differences.append(
+                f"{backend.kind} answers {line!r} {headers!r} {body!r}, "
+                f"{reference.kind} {want_line!r} {want_headers!r} {want_body!r}"
+            )
+    return differences
+
+
+async def measure(plan: Plan, bench: Bench) -> Result:
+    agent, procs, load, pinning = (
+        bench.dev_agent,
+        bench.procs,
+        bench.load,
+        bench.pinning,
+    )
+    groups = await asyncio.gather(
+        *(
+            start_backends(procs, kind, [agent.http_addr], pinning.backend, pinning)
+            for kind in KINDS
+        )
+    )
+    backends = {group[0].kind: group[0] for group in groups}
+    results = {k: Row(k, [], [], 0, 0, 0) for k in KINDS}
+    try:
+        differences = await answers_differ(
+            backends["plain"], [b for k, b in backends.items() if k != "plain"]
+        )
+        if differences:
+            raise RuntimeError(
+                "the backends do not answer alike, so their throughputs do not "
+                "compare (did the library's handler change its answer?):\n"
+                + "\n".join(differences)
+            )
+        for kind in KINDS:  # warm-up, not counted
+            if plan.warmup_seconds > 0:
+                await load.run([backends[kind].port], plan.warmup_seconds)
+        for round_ in range(plan.rounds):
+            shift = round_ % len(KINDS)
+            order = KINDS[shift:] + KINDS[:shift]
+            for kind in order:
+                cpu = cpu_ns(backends[kind].pid)
+                result = await load.run([backends[kind].port], plan.round_seconds)
+                cpu = cpu_ns(backends[kind].pid) - cpu
+                entry = results[kind]
+                entry.rates.append(result.rate)
+                entry.cpu_us.append(cpu / 1000 / max(result.requests, 1))
+                entry.non_200 += result.non_200
+                entry.errors += result.errors
+                progress(f"throughput round {round_ + 1} {kind}: {result.rate:,.0f}/s")
+        for kind, backend in backends.items():
+            results[kind].rss_kb = vm_rss_kb(backend.pid)
+    finally:
+        await procs.stop(b.process for b in backends.values())
+    return Result(plan, list(results.values()), load.describe(), pinning.how)
+
+
+def targets(result: Result) -> list[Target]:
+    by_kind = {t.kind: t for t in result.rows}
+    if "watch" not in by_kind or "plain" not in by_kind:
+        return []
+    ratio = by_kind["watch"].median / by_kind["plain"].median
+    cpu = by_kind["plain"].cpu_median / by_kind["watch"].cpu_median
+    return [
+        (
+            f"throughput defaults / plain >= {TARGET_RATIO}",
+            f"{ratio:.3f} in req/s ({cpu:.3f} in CPU per request)",
+            ratio >= TARGET_RATIO,
+        )
+    ]
+
+
+def render(result: Result) -> list[str]:
+    plan = result.plan
+    by_kind = {t.kind: t for t in result.rows}
+    if "plain" not in by_kind:
+        return []
+    plain = by_kind["plain"].median
+    plain_cpu = by_kind["plain"].cpu_median
+    lines = [
+        f"**1. Throughput** of one backend process serving `/status`: "
+        f"{plan.rounds} alternating rounds of {plan.round_seconds:g} s each "
+        f"(after {plan.warmup_seconds:g} s of warm-up), medians. Load: "
+        f"{result.load_generator}. Pinning: {result.pinning}. The backends "
+        "talk to the agent directly (no proxy), and answer alike: the same "
+        "status line, headers (but `Date`) and body, checked first. CPU µs "
+        "per request: the backend process's CPU time (all threads, /proc) "
+        "over its answers: its ratio is the capacity ratio, less moved by "
+        "other processes on the machine than req/s is.",
+        "",
+    ]
+    rows = []
+    for t in result.rows:
+        notes = []
+        if t.non_200:
+            notes.append(f"{t.non_200} not 200")
+        if t.errors:
+            notes.append(f"{t.errors} socket errors")
+        rows.append(
+            [
+                LABELS[t.kind],
+                f"{t.median:,.0f}",
+                f"{min(t.rates):,.0f} to {max(t.rates):,.0f}",
+                f"{t.median / plain:.3f}",
+                f"{t.cpu_median:,.0f}",
+                f"{plain_cpu / t.cpu_median:.3f}",
+                ", ".join(notes),
+            ]
+        )
+    lines += table(
+        [
+            "handler",
+            "req/s (median)",
+            "min to max",
+            "ratio to plain",
+            "CPU µs per request (median)",
+            "plain's CPU / this CPU",
+            "notes",
+        ],
+        rows,
+    )
+    return [*lines, ""]
+
+
+def plot(ax: Any, result: Result | None) -> None:
+    ax.set_title("1. throughput of one backend (req/s, ratio to plain)")
+    by_kind = {t.kind: t.median for t in result.rows} if result else {}
+    if "plain" not in by_kind:
+        return
+    plain = by_kind["plain"]
+    bars = ax.bar([SHORT[k] for k in by_kind], list(by_kind.values()))
+    for bar, value in zip(bars, by_kind.values()):
+        ax.annotate(
+            f"{value:,.0f}\n({value / plain:.2f})",
+            (bar.get_x() + bar.get_width() / 2, value),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    ax.set_ylim(0, max(by_kind.values()) * 1.2)
