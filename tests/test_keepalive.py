@@ -254,14 +254,14 @@ def test_requests_take_turns_on_the_one_connection(tiny: TinyAgent) -> None:
 
 
 def time_wait_sockets(port: int) -> int:
-    """Sockets in TIME_WAIT whose remote port is ``port`` (/proc/net/tcp*)."""
+    """Sockets in TIME_WAIT to or from ``port``, either end (/proc/net/tcp*)."""
     count = 0
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with contextlib.suppress(FileNotFoundError):
             for line in Path(table).read_text().splitlines()[1:]:
-                fields = line.split()
-                remote_port = int(fields[2].rsplit(":", 1)[1], 16)
-                if remote_port == port and fields[3] == "06":  # TIME_WAIT
+                local, remote, state = line.split()[1:4]
+                ends = {int(end.rsplit(":", 1)[1], 16) for end in (local, remote)}
+                if port in ends and state == "06":  # TIME_WAIT
                     count += 1
     return count
 
