@@ -194,6 +194,7 @@ class _Followed:
         self.error: str | None = None
         self.answered_at: float | None = None  # time.monotonic() of last answer
         self.failed_at: float | None = None
+        self.client: ConsulClient | None = None  # its own: one connection each
 
 
 class ConsulWatcher:
@@ -204,7 +205,8 @@ class ConsulWatcher:
     cancels its tasks. :meth:`status` never waits and never fails.
 
     :param settings: resolved settings, see :class:`~.settings.Settings`.
-    :param client: the Consul client, made from ``settings`` when omitted.
+    :param client: the Consul client of every source; when omitted, each
+        source gets its own, made from ``settings`` (one connection each).
     """
 
     def __init__(self, settings: Settings, client: ConsulClient | None = None) -> None:
@@ -246,9 +248,8 @@ class ConsulWatcher:
             raise RuntimeError("a stopped ConsulWatcher cannot be started again")
         self._loop = asyncio.get_running_loop()
         self._ready = asyncio.Event()
-        if self._client is None:
-            self._client = ConsulClient(self.settings)
         for followed in self._followed:
+            followed.client = self._client or ConsulClient(self.settings)
             task = self._loop.create_task(self._follow(followed))
             self._tasks.append(task)
 
@@ -258,8 +259,7 @@ class ConsulWatcher:
         for task in self._tasks:
             task.cancel()
         self._tasks = []
-        if self._client is not None:
-            self._client.close()
+        self._close_clients()
 
     async def stop(self) -> None:
         """Stop following Consul and close its connections."""
@@ -269,8 +269,7 @@ class ConsulWatcher:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        if self._client is not None:
-            self._client.close()
+        self._close_clients()
 
     async def wait_ready(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the first answers; True when ready."""
@@ -298,7 +297,7 @@ class ConsulWatcher:
     # The loop -----------------------------------------------------------
 
     async def _follow(self, followed: _Followed) -> None:
-        client = self._client
+        client = followed.client
         assert client is not None
         settings = self.settings
         wait = settings.wait if settings.blocking else None
@@ -343,10 +342,15 @@ class ConsulWatcher:
                 # Index 0 would never block: Consul's advice is to use 1.
                 index = max(new_index, 1)
         finally:
-            if not self._stopped and self._client is not None:
+            if not self._stopped:
                 # Cancelled by the loop rather than by stop(): close anyway.
                 self._stopped = True
-                self._client.close()
+                self._close_clients()
+
+    def _close_clients(self) -> None:
+        for followed in self._followed:
+            if followed.client is not None:
+                followed.client.close()
 
     def _answered(self, followed: _Followed, verdict: st.Verdict) -> None:
         now = time.monotonic()
