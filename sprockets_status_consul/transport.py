@@ -26,13 +26,13 @@ arguments) play no part here.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import importlib
 import ipaddress
 import logging
 import socket
 import ssl
-import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -40,7 +40,6 @@ import consul
 import consul.base
 from tornado import httpclient, httputil, iostream, locks, netutil, tcpclient
 from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
-from tornado.ioloop import IOLoop
 
 from .settings import Settings
 
@@ -131,7 +130,7 @@ class _Answer(httputil.HTTPMessageDelegate):
 
     def __init__(self) -> None:
         self.start_line: httputil.ResponseStartLine | None = None
-        self.headers = httputil.HTTPHeaders()
+        self.headers: httputil.HTTPHeaders | None = None
         self.chunks: list[bytes] = []
         self.complete = False
 
@@ -161,7 +160,7 @@ class _Answer(httputil.HTTPMessageDelegate):
     @property
     def keeps_alive(self) -> bool:
         """Whether the agent lets the connection carry another request."""
-        if self.start_line is None:
+        if self.start_line is None or self.headers is None:
             return False
         connection = self.headers.get("Connection", "").lower()
         if self.start_line.version == "HTTP/1.1":
@@ -219,7 +218,8 @@ class AgentConnection:
         :raises httputil.HTTPInputError: the answer is not HTTP.
         """
         async with self._lock:
-            deadline = time.monotonic() + float(request.request_timeout or 0)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + float(request.request_timeout or 0)
             reused = self._stream is not None and not self._stream.closed()
             closes = self._closes
             try:
@@ -243,8 +243,7 @@ class AgentConnection:
 
         try:
             stream = await self._connect(request, deadline)
-            loop = IOLoop.current()
-            timer = loop.call_later(deadline - time.monotonic(), expire)
+            timer = asyncio.get_running_loop().call_at(deadline, expire)
             try:
                 answer = await self._send(stream, request, target)
             except _Closed:
@@ -252,12 +251,13 @@ class AgentConnection:
                     raise
                 raise TimeoutError("Timeout during request") from None
             finally:
-                loop.remove_timeout(timer)
+                timer.cancel()
         except BaseException:
             self._drop()  # an unknown state on the wire
             raise
         if stream.closed() or not answer.keeps_alive:
             self._drop()
+        assert answer.headers is not None  # a complete answer has its headers
         return answer.code, answer.headers, answer.body
 
     async def _connect(
@@ -268,7 +268,8 @@ class AgentConnection:
             return stream
         self._drop()
         settings = self.settings
-        timeout = min(float(request.connect_timeout or 0), deadline - time.monotonic())
+        left = deadline - asyncio.get_running_loop().time()
+        timeout = min(float(request.connect_timeout or 0), left)
         try:
             stream = await self._tcp.connect(
                 settings.host,
@@ -280,7 +281,6 @@ class AgentConnection:
             raise error.real_error or OSError("closed") from None
         except TimeoutError:
             raise TimeoutError("Timeout while connecting") from None
-        stream.set_nodelay(True)
         self._stream = stream
         self.opened += 1
         return stream
@@ -302,7 +302,7 @@ class AgentConnection:
         self, stream: iostream.IOStream, request: httpclient.HTTPRequest, target: str
     ) -> _Answer:
         connection = HTTP1Connection(stream, True, self._params)
-        headers = httputil.HTTPHeaders(request.headers)
+        headers = request.headers  # this module's own request: add to it
         headers["Host"] = self._host_header
         body = request.body or b""
         if body or request.method in ("PUT", "POST"):
@@ -430,13 +430,13 @@ class _HTTPClient(consul.base.HTTPClient):  # type: ignore[misc]
         timeout: float | None,
     ) -> Awaitable[Any]:
         """Build the request of one endpoint call; its answer, through ``callback``."""
-        headers = dict(headers or {})
+        fields = httputil.HTTPHeaders(headers or {})
         kept: list[tuple[str, Any]] = []
         for name, value in params or ():
             if name == "token":
                 # python-consul sends the token in the URL: move it to the
                 # header, out of every log of a URL.
-                headers.setdefault("X-Consul-Token", value)
+                fields.setdefault("X-Consul-Token", value)
             else:
                 kept.append((name, value))
         settings = self.settings
@@ -449,7 +449,7 @@ class _HTTPClient(consul.base.HTTPClient):  # type: ignore[misc]
         request = httpclient.HTTPRequest(
             self.uri(path, kept),
             method=method,
-            headers=headers,
+            headers=fields,
             body=data if method != "GET" else None,
             connect_timeout=settings.timeout,
             request_timeout=timeout,
