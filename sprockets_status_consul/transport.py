@@ -177,7 +177,7 @@ class _Closed(Exception):
         self.answered = answered
 
 
-class AgentConnection:
+class _Connection:
     """One HTTP/1.1 connection to the agent, kept alive between requests.
 
     Requests take turns (a lock); the connection opens on the first request,
@@ -197,8 +197,6 @@ class AgentConnection:
         self._lock = locks.Lock()
         self._tls: ssl.SSLContext | None = None
         self._closes = 0  # calls of close(), which a retry must not undo
-        self.opened = 0
-        """How many connections this client has opened."""
 
     @property
     def _connections(self) -> set[iostream.IOStream]:
@@ -282,7 +280,6 @@ class AgentConnection:
         except TimeoutError:
             raise TimeoutError("Timeout while connecting") from None
         self._stream = stream
-        self.opened += 1
         return stream
 
     def _tls_context(self) -> ssl.SSLContext:
@@ -343,7 +340,7 @@ class AgentConnection:
 
 
 class _HTTPClient(consul.base.HTTPClient):  # type: ignore[misc]
-    """The ``consul`` package's HTTP client interface over :class:`AgentConnection`."""
+    """The ``consul`` package's HTTP client interface over :class:`_Connection`."""
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(
@@ -355,7 +352,7 @@ class _HTTPClient(consul.base.HTTPClient):  # type: ignore[misc]
         # The package writes an IPv6 address without its brackets.
         self.base_uri = settings.address
         self.settings = settings
-        self.client = AgentConnection(settings)
+        self.client = _Connection(settings)
 
     def get(
         self,
@@ -672,4 +669,4 @@ def _index(raw: Any, path: str) -> int:
     return index
 
 
-__all__ = ["AgentConnection", "Check", "ConsulClient", "ConsulError"]
+__all__ = ["Check", "ConsulClient", "ConsulError"]
