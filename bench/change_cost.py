@@ -17,6 +17,7 @@ ends in ``.txt``.
 from __future__ import annotations
 
 import argparse
+import functools
 import shutil
 import subprocess
 import sys
@@ -37,24 +38,25 @@ def cpu_ns(pid: int) -> int:
     return total
 
 
-def changes_logged(backend: Backend) -> int:
-    return sum(
+def logged_more_than(backend: Backend, count: int) -> bool:
+    """Whether the backend has logged more than ``count`` changes."""
+    changes = sum(
         1
         for line in backend.library_lines()
         if any(change in line for change in CHANGE_LINES)
     )
+    return changes > count
 
 
 def flip(agent: DevAgent, backend: Backend, count: int, seen: int) -> int:
     """Flip ``count`` times, each awaited in the backend's log; changes seen."""
-    for number in range(count):
-        enable = (seen + number) % 2 == 0
-        set_maintenance(agent, enable, f"flip {seen + number}")
+    for number in range(seen, seen + count):
+        set_maintenance(agent, number % 2 == 0, f"flip {number}")
         wait_for(
-            lambda: changes_logged(backend) > seen + number,
+            functools.partial(logged_more_than, backend, number),
             10,
             interval=0.0005,
-            message=f"flip {seen + number} never reached the backend",
+            message=f"flip {number} never reached the backend",
         )
     return seen + count
 
