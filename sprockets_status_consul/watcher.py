@@ -228,6 +228,7 @@ class _Followed:
         self.error: str | None = None
         self.answered_at: float | None = None  # time.monotonic() of last answer
         self.failed_at: float | None = None
+        self.client: ConsulClient | None = None  # its own: one connection each
 
 
 class ConsulWatcher:
@@ -241,7 +242,8 @@ class ConsulWatcher:
     :data:`~.status.STOPPED`.
 
     :param settings: resolved settings, see :class:`~.settings.Settings`.
-    :param client: the Consul client, made from ``settings`` when omitted.
+    :param client: the Consul client of every source; when omitted, each
+        source gets its own, made from ``settings`` (one connection each).
     """
 
     def __init__(self, settings: Settings, client: ConsulClient | None = None) -> None:
@@ -304,15 +306,14 @@ class ConsulWatcher:
         if self._stopped:
             raise RuntimeError("a stopped ConsulWatcher cannot be started again")
         loop = asyncio.get_running_loop()
-        client = (
-            self._client if self._client is not None else ConsulClient(self.settings)
-        )
+        for followed in self._followed:
+            followed.client = self._client or ConsulClient(self.settings)
         fresh = contextvars.Context()
         self._tasks = [
-            fresh.run(loop.create_task, self._follow(followed, client))
+            fresh.run(loop.create_task, self._follow(followed))
             for followed in self._followed
         ]
-        self._client, self._loop = client, loop
+        self._loop = loop
 
     def abandon(self) -> None:
         """Stop without awaiting: for a watcher whose loop will not run again.
@@ -354,8 +355,9 @@ class ConsulWatcher:
             self._ready.set()  # wakes the requests waiting for a first answer
         if self._orphaned is not None:
             self._orphaned.detach()
-        if self._client is not None:
-            self._client.close()
+        for followed in self._followed:
+            if followed.client is not None:
+                followed.client.close()
 
     def _abandon_from_any_thread(self) -> None:
         """Abandon on the watcher's own loop, from whatever thread runs this."""
@@ -394,8 +396,10 @@ class ConsulWatcher:
 
     # The loop -----------------------------------------------------------
 
-    async def _follow(self, followed: _Followed, client: ConsulClient) -> None:
+    async def _follow(self, followed: _Followed) -> None:
         """Query one source for ever: answer, decide the next query, wait."""
+        client = followed.client
+        assert client is not None
         settings = self.settings
         index = 0
         failures = 0
