@@ -262,9 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"docker-images: {image}: built in {time.monotonic() - began:.0f} s",
                 file=sys.stderr,
             )
-    print(
-        f"docker-images: done in {time.monotonic() - started:.0f} s", file=sys.stderr
-    )
+    print(f"docker-images: done in {time.monotonic() - started:.0f} s", file=sys.stderr)
     return 0
 
 
