@@ -70,14 +70,16 @@ def states_until(
     client: StatusClient,
     done: Callable[[int, dict[str, Any]], bool],
     timeout: float,
+    since: float,
     code: int = 200,
 ) -> dict[str, float]:
     """Poll ``/status`` until ``done``; every answer must have ``code``.
 
-    Returns, for each ``consul`` state seen, the seconds until it was first
-    seen (the order of the dict is the order they were seen in).
+    Returns, for each ``consul`` state seen, the seconds from ``since`` (a
+    ``time.monotonic()``, taken before the fault was made) until it was
+    first seen; the order of the dict is the order they were seen in.
     """
-    started = time.monotonic()
+    started = since
     seen: dict[str, float] = {}
     while True:
         got, body, _ = client.status()
@@ -185,12 +187,14 @@ def test_network_cut_between_app_and_agent(
         client = StatusClient(host_port(published(app, 8000)))
         wait_serving(client, 30, f"app not serving:\n{logs(app)}")
 
+        since = time.monotonic()
         docker("network", "disconnect", network, agent.container)
-        cut = states_until(client, is_state("stale"), 15)
+        cut = states_until(client, is_state("stale"), 15, since)
         assert list(cut) == ["connected", "unreachable", "stale"], cut
 
+        since = time.monotonic()
         docker("network", "connect", "--alias", "consul", network, agent.container)
-        back = states_until(client, is_state("connected"), 15)
+        back = states_until(client, is_state("connected"), 15, since)
 
         agent.consul("maint", "-enable", "-reason", "after the cut")
         follows = wait_all([client], answers(503, "connected", "after the cut"), 5, "")
@@ -219,13 +223,15 @@ def test_paused_agent(
     ):
         client = StatusClient(started[0].port)
         wait_serving(client, 10, "backend not serving")
+        since = time.monotonic()
         agent.pause()
         try:
-            frozen = states_until(client, is_state("stale"), 15)
+            frozen = states_until(client, is_state("stale"), 15, since)
         finally:
+            since = time.monotonic()
             agent.resume()
         assert list(frozen) == ["connected", "unreachable", "stale"], frozen
-        back = states_until(client, is_state("connected"), 15)
+        back = states_until(client, is_state("connected"), 15, since)
         agent.consul("maint", "-enable", "-reason", "after the pause")
         follows = wait_all(
             [client], answers(503, "connected", "after the pause"), 5, ""
@@ -270,8 +276,8 @@ def test_three_servers_lose_their_leader(
             server.start(wait=False)
         for server in servers:
             server.wait_ready(timeout=60)
-        leader_ip = servers[0].leader().rsplit(":", 1)[0]
-        leader = next(s for s in servers if s.ip() == leader_ip)
+        old_leader = servers[0].leader()
+        leader = next(s for s in servers if f"{s.ip()}:8300" == old_leader)
         follower = next(s for s in servers if s is not leader)
         with fault_support.backends(follower.http_addr, [FAST]) as started:
             client = StatusClient(started[0].port)
@@ -280,7 +286,10 @@ def test_three_servers_lose_their_leader(
             docker("stop", "-t", "10", leader.container)
             # the app stays connected (every answer checked) until a new leader
             seen = states_until(
-                client, lambda *_: follower.leader(timeout=1) not in ("", leader_ip), 30
+                client,
+                lambda *_: follower.leader(timeout=1) not in ("", old_leader),
+                30,
+                stopped,
             )
             election = time.monotonic() - stopped
             assert list(seen) == ["connected"], seen
