@@ -201,9 +201,12 @@ def _build(context: Path, dockerfile: str, tag: str, **args: str) -> None:
 def build_consul(work: Path) -> None:
     """The Consul stand-in: the base with Debian's consul binary."""
     context = work / "consul"
-    context.mkdir()
-    shutil.copy(consul_agent.find_or_fetch_consul(), context / "consul")
-    shutil.copy(STAND_INS / "consul-entrypoint.sh", context)
+    root = context / "root"
+    for folder in ("usr/bin", "usr/local/bin", "consul/data", "consul/config"):
+        (root / folder).mkdir(parents=True)
+    shutil.copy(consul_agent.find_or_fetch_consul(), root / "usr/bin/consul")
+    entrypoint = root / "usr/local/bin/docker-entrypoint.sh"
+    shutil.copy(STAND_INS / "consul-entrypoint.sh", entrypoint)
     _build(
         context,
         "consul.Dockerfile",

@@ -12,9 +12,9 @@ LABEL org.opencontainers.image.title="consul" \
       org.opencontainers.image.version="${CONSUL_VERSION}" \
       org.opencontainers.image.description="Local stand-in for ${STANDS_FOR}: Debian's Consul ${CONSUL_VERSION}, built by scripts/docker-images" \
       sprockets-status-consul.stand-in="${STANDS_FOR}"
-COPY consul /usr/bin/consul
-COPY consul-entrypoint.sh /usr/local/bin/docker-entrypoint.sh
-RUN mkdir -p /consul/data /consul/config
+# one layer: usr/bin/consul, usr/local/bin/docker-entrypoint.sh, consul/data,
+# consul/config
+COPY root/ /
 EXPOSE 8300 8301 8301/udp 8302 8302/udp 8500 8600 8600/udp
 ENTRYPOINT ["docker-entrypoint.sh"]
 CMD ["agent", "-dev", "-client", "0.0.0.0"]
