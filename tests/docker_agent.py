@@ -25,13 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-from tests.consul_agent import (
-    AgentBase,
-    ConsulCommandError,
-    ConsulUnavailable,
-    wait_for,
-)
-from tests.docker_images import consul_image, missing_images
+from tests.consul_agent import AgentBase, ConsulUnavailable, wait_for
+from tests.docker_images import consul_image, docker, missing_images
 
 ROOT = Path(__file__).resolve().parent.parent
 LABEL = "sprockets-status-consul.test"
@@ -40,19 +35,6 @@ APP_IMAGE = "sprockets-status-consul/example:test"
 
 _LIVE: dict[str, str] = {}
 """What is still to remove at exit: name -> "container" or "network"."""
-
-
-def docker(
-    *args: str, check: bool = True, timeout: float = 60.0
-) -> subprocess.CompletedProcess[str]:
-    """``docker ARGS``; with ``check`` a failure raises :class:`ConsulCommandError`."""
-    cmd = ["docker", *args]
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
-    )
-    if check and proc.returncode != 0:
-        raise ConsulCommandError(proc.returncode, cmd, proc.stdout, proc.stderr)
-    return proc
 
 
 def engine_problem() -> str | None:

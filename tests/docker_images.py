@@ -71,32 +71,25 @@ def images() -> list[str]:
     return [BASE_IMAGE, consul_image(), python_image()]
 
 
-def docker(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    """Run ``docker ARGS``; raise :class:`ImageError` with its output on failure."""
+def docker(
+    *args: str, check: bool = True, timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
+    """``docker ARGS``; with ``check`` a failure raises
+    :class:`tests.consul_agent.ConsulCommandError` (its output included)."""
+    cmd = ["docker", *args]
     proc = subprocess.run(
-        ["docker", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
+        cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
     )
-    if proc.returncode != 0:
-        raise ImageError(
-            f"docker {' '.join(args[:2])} failed ({proc.returncode}):\n"
-            f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
+    if check and proc.returncode != 0:
+        raise consul_agent.ConsulCommandError(
+            proc.returncode, cmd, proc.stdout, proc.stderr
         )
     return proc
 
 
 def present(image: str) -> bool:
     """The engine has an image with this tag."""
-    proc = subprocess.run(
-        ["docker", "image", "inspect", image],
-        capture_output=True,
-        timeout=30,
-        stdin=subprocess.DEVNULL,
-    )
-    return proc.returncode == 0
+    return docker("image", "inspect", image, check=False, timeout=30).returncode == 0
 
 
 def missing_images() -> list[str]:
@@ -120,12 +113,13 @@ def debian_mirror() -> str:
     raise ImageError(f"no mirror in the apt source derived from the machine:\n{source}")
 
 
-def _debootstrap(work: Path) -> list[str]:
-    """The debootstrap command: the installed one, else Debian's package
-    unpacked into ``work`` (nothing is installed on the machine)."""
+def _debootstrap(work: Path) -> tuple[list[str], dict[str, str]]:
+    """The debootstrap command and its environment: the installed one, else
+    Debian's package unpacked into ``work`` (nothing is installed)."""
+    env = {**os.environ, "LC_ALL": "C"}
     installed = shutil.which("debootstrap")
     if installed:
-        return [installed]
+        return [installed], env
     subprocess.run(
         ["apt-get", "-q", "download", "debootstrap"],
         cwd=work,
@@ -139,8 +133,8 @@ def _debootstrap(work: Path) -> list[str]:
         raise ImageError("apt-get download debootstrap produced no package")
     unpacked = work / "debootstrap"
     subprocess.run(["dpkg", "-x", str(deb), str(unpacked)], check=True, timeout=60)
-    os.environ["DEBOOTSTRAP_DIR"] = str(unpacked / "usr/share/debootstrap")
-    return [str(unpacked / "usr/sbin/debootstrap")]
+    env["DEBOOTSTRAP_DIR"] = str(unpacked / "usr/share/debootstrap")
+    return [str(unpacked / "usr/sbin/debootstrap")], env
 
 
 def build_base(work: Path) -> None:
@@ -148,8 +142,9 @@ def build_base(work: Path) -> None:
     if os.geteuid() != 0:
         raise ImageError("debootstrap needs root: run scripts/docker-images as root")
     rootfs = work / "rootfs"
+    debootstrap, env = _debootstrap(work)
     command = [
-        *_debootstrap(work),
+        *debootstrap,
         "--variant=minbase",
         SUITE,
         str(rootfs),
@@ -161,7 +156,7 @@ def build_base(work: Path) -> None:
         text=True,
         timeout=1200,
         stdin=subprocess.DEVNULL,
-        env={**os.environ, "LC_ALL": "C"},
+        env=env,
     )
     if proc.returncode != 0:
         raise ImageError(f"debootstrap failed:\n{proc.stdout[-3000:]}{proc.stderr}")
@@ -255,11 +250,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"docker-images: {image}: building", file=sys.stderr, flush=True)
             try:
                 build(Path(tmp))
-            except (ImageError, consul_agent.ConsulUnavailable) as exc:
+            except (
+                ImageError,
+                consul_agent.ConsulUnavailable,
+                subprocess.CalledProcessError,  # ConsulCommandError included
+            ) as exc:
                 print(f"docker-images: {image}: {exc}", file=sys.stderr)
-                return 1
-            except subprocess.CalledProcessError as exc:
-                print(f"docker-images: {image}: {exc}\n{exc.stderr}", file=sys.stderr)
                 return 1
             print(
                 f"docker-images: {image}: built in {time.monotonic() - began:.0f} s",
