@@ -17,7 +17,8 @@ only) builds, from Debian's packages,
 
 Each carries the label ``sprockets-status-consul.stand-in`` naming the image it
 stands in for. An image whose tag is already there (a stand-in, or the real
-image pulled from a registry) is kept as it is: nothing is built twice.
+image pulled from a registry) is kept as it is: nothing is built twice, and
+the base only when a stand-in needs it.
 """
 
 from __future__ import annotations
@@ -67,8 +68,8 @@ def python_image() -> str:
 
 
 def images() -> list[str]:
-    """Every image the compose file and the tests need, base first."""
-    return [BASE_IMAGE, consul_image(), python_image()]
+    """The images the compose file and the tests need."""
+    return [consul_image(), python_image()]
 
 
 def docker(
@@ -235,17 +236,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         missing = missing_images()
         print("\n".join(missing))
         return 1 if missing else 0
-    builders = {
-        BASE_IMAGE: build_base,
-        consul_image(): build_consul,
-        python_image(): build_python,
-    }
+    builders = [(consul_image(), build_consul), (python_image(), build_python)]
+    missing = [(image, build) for image, build in builders if not present(image)]
+    for image in sorted(set(images()) - {image for image, _ in missing}):
+        print(f"docker-images: {image}: present, kept", file=sys.stderr)
+    if missing and not present(BASE_IMAGE):  # the stand-ins' base, when needed
+        missing.insert(0, (BASE_IMAGE, build_base))
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="ssc-images-") as tmp:
-        for image, build in builders.items():
-            if present(image):
-                print(f"docker-images: {image}: present, kept", file=sys.stderr)
-                continue
+        for image, build in missing:
             began = time.monotonic()
             print(f"docker-images: {image}: building", file=sys.stderr, flush=True)
             try:
