@@ -88,8 +88,12 @@ def unique_name(kind: str) -> str:
 def build_app_image() -> str:
     """examples/Dockerfile built as :data:`APP_IMAGE` (docker's cache makes a
     rebuild of an unchanged tree take a second); returns the tag."""
+    fmt = ("--format", "{{.Id}}")
+    before = docker("image", "inspect", *fmt, APP_IMAGE, check=False).stdout.strip()
     dockerfile = str(ROOT / "examples" / "Dockerfile")
     docker("build", "-q", "-f", dockerfile, "-t", APP_IMAGE, str(ROOT), timeout=900)
+    if before and before != docker("image", "inspect", *fmt, APP_IMAGE).stdout.strip():
+        docker("rmi", before, check=False)  # the build it replaced, now untagged
     return APP_IMAGE
 
 
