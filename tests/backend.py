@@ -18,7 +18,9 @@ from tornado import web
 import sprockets_status_consul as ssc
 
 
-async def serve(port: int, settings: dict[str, object], grace: float) -> None:
+async def serve(
+    port: int, settings: dict[str, object], grace: float, address: str = "127.0.0.1"
+) -> None:
     app = web.Application(
         [
             (r"/status", ssc.ConsulStatusHandler),
@@ -28,7 +30,7 @@ async def serve(port: int, settings: dict[str, object], grace: float) -> None:
     )
     ssc.set_application("sprockets-status-consul")
     ssc.watch(app)
-    server = app.listen(port, address="127.0.0.1")
+    server = app.listen(port, address=address)
     print("ready", flush=True)
     await ssc.serve_until_signalled(app, server, grace=grace)
 
@@ -42,10 +44,15 @@ def main() -> None:
     parser.add_argument(
         "--grace", type=float, default=0.0, help="seconds to drain on SIGTERM"
     )
+    parser.add_argument(
+        "--address",
+        default="127.0.0.1",
+        help="address to listen on (in a container: 0.0.0.0)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
     logging.getLogger("tornado.access").setLevel(logging.WARNING)
-    asyncio.run(serve(args.port, json.loads(args.settings), args.grace))
+    asyncio.run(serve(args.port, json.loads(args.settings), args.grace, args.address))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,13 @@ the ``integration`` marker, so ``-m "not integration"`` runs the rest, and the
 run ends with a line ``integration tests against real Consul: N passed, M
 skipped``. In CI a run that selected integration tests (or the full run) fails
 when any of them was skipped or none passed.
+
+Docker (``docker_engine``, see ``tests/docker_agent.py``): tests that use it
+get the ``docker`` marker and the run ends with a line ``docker tests: N
+passed, M skipped``. Without a Docker engine they are skipped; with one but
+without the images they fail in CI (``scripts/docker-images`` builds them).
+``SSC_AGENT=docker`` makes ``consul_agent`` a :class:`DockerAgent` (an agent
+in a container), and the tests that use it docker tests too.
 """
 
 from __future__ import annotations
@@ -38,9 +45,17 @@ from tests.consul_agent import (
     find_consul,
     reset_agent_state,
 )
+from tests.docker_agent import DockerAgent, engine_problem, images_problem
 
 INTEGRATION_FIXTURES = frozenset({"consul_agent", "consul_binary"})
 SUMMARY_PREFIX = "integration tests against real Consul:"
+DOCKER_SUMMARY_PREFIX = "docker tests:"
+
+
+def _docker_fixtures() -> frozenset[str]:
+    if os.environ.get("SSC_AGENT") == "docker":
+        return frozenset({"docker_engine", "consul_agent"})
+    return frozenset({"docker_engine"})
 
 
 def _in_ci() -> bool:
@@ -116,16 +131,34 @@ def consul_binary() -> str:
 
 
 @pytest.fixture(scope="session")
-def consul_agent() -> Iterator[AgentBase]:
+def docker_engine() -> None:
+    """A Docker engine with the images docker-compose.yml uses; else a skip
+    (no engine), or a skip that fails in CI (no images)."""
+    problem = engine_problem()
+    if problem is not None:
+        pytest.skip(f"no Docker engine: {problem}")
+    problem = images_problem()
+    if problem is not None:
+        _unavailable(problem)
+
+
+@pytest.fixture(scope="session")
+def consul_agent(request: pytest.FixtureRequest) -> Iterator[AgentBase]:
     """A running Consul agent, shared by the whole session.
 
     Offers ``http_addr`` ("127.0.0.1:PORT"), ``url`` ("http://..."),
     ``node_name``, ``token``, ``consul(*args, check=True)`` (the CLI against
     this agent), ``request()``/``get_json()`` (the HTTP API),
     ``node_checks()`` and ``maintenance_check()``. It is a :class:`DevAgent`
-    unless ``$CONSUL_HTTP_ADDR`` is set (:class:`ExternalAgent`). After each
-    test that uses it, node and service maintenance are switched off again.
+    unless ``$CONSUL_HTTP_ADDR`` is set (:class:`ExternalAgent`) or
+    ``$SSC_AGENT`` is ``docker`` (:class:`DockerAgent`). After each test that
+    uses it, node and service maintenance are switched off again.
     """
+    if os.environ.get("SSC_AGENT") == "docker":
+        request.getfixturevalue("docker_engine")
+        with DockerAgent() as in_docker:
+            yield in_docker
+        return
     addr = os.environ.get("CONSUL_HTTP_ADDR")
     if addr:
         external = ExternalAgent(addr, token=os.environ.get("CONSUL_HTTP_TOKEN"))
@@ -206,15 +239,17 @@ def make_dev_agent(consul_binary: str) -> Iterator[Callable[..., DevAgent]]:
 @dataclasses.dataclass
 class _Stats:
     selected: set[str] = dataclasses.field(default_factory=set)
+    docker: set[str] = dataclasses.field(default_factory=set)
     outcomes: dict[str, str] = dataclasses.field(default_factory=dict)
     full_run: bool = False
     ci_failure: str = ""
 
-    def count(self, outcome: str) -> int:
+    def count(self, outcome: str, among: set[str] | None = None) -> int:
+        selected = self.selected if among is None else among
         return sum(
             1
             for nodeid, value in self.outcomes.items()
-            if value == outcome and nodeid in self.selected
+            if value == outcome and nodeid in selected
         )
 
 
@@ -231,16 +266,25 @@ def pytest_configure(config: pytest.Config) -> None:
             "markers",
             "integration: needs a real Consul agent (the consul_agent fixture)",
         )
+    if not any(str(line).startswith("docker:") for line in declared):
+        config.addinivalue_line(
+            "markers", "docker: needs a Docker engine (the docker_engine fixture)"
+        )
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    docker_fixtures = _docker_fixtures()
     for item in items:
         names = getattr(item, "fixturenames", ())
         if INTEGRATION_FIXTURES.intersection(names) and (
             item.get_closest_marker("integration") is None
         ):
             item.add_marker(pytest.mark.integration)
+        if docker_fixtures.intersection(names) and (
+            item.get_closest_marker("docker") is None
+        ):
+            item.add_marker(pytest.mark.docker)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -249,6 +293,11 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         item.nodeid
         for item in session.items
         if item.get_closest_marker("integration") is not None
+    }
+    _STATS.docker = {
+        item.nodeid
+        for item in session.items
+        if item.get_closest_marker("docker") is not None
     }
     # pytest >= 7.2 says whether the paths came from `testpaths` (no args)
     sources = getattr(pytest.Config, "ArgsSource", None)
@@ -312,6 +361,15 @@ def pytest_terminal_summary(
     if not_run:
         line += f", {not_run} not run"
     terminalreporter.write_line(line)
+    if stats.docker:
+        docker_line = (
+            f"{DOCKER_SUMMARY_PREFIX} {stats.count('passed', stats.docker)} passed, "
+            f"{stats.count('skipped', stats.docker)} skipped"
+        )
+        failed = stats.count("failed", stats.docker)
+        if failed:
+            docker_line += f", {failed} failed"
+        terminalreporter.write_line(docker_line)
     if stats.ci_failure:
         terminalreporter.write_line(
             f"CI is set: failing the run because {stats.ci_failure}", red=True

@@ -14,7 +14,6 @@ import importlib.util
 import json
 import re
 import shlex
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -24,13 +23,20 @@ import yaml
 
 from sprockets_status_consul import Settings
 
+from .docker_agent import compose_command
+
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
 
 
+def _with_defaults(text: str) -> str:
+    """Compose's ``${NAME:-default}``, as compose reads it with NAME unset."""
+    return re.sub(r"\$\{[A-Za-z_][A-Za-z0-9_]*:-([^}]*)\}", r"\1", text)
+
+
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
-    data = yaml.safe_load(COMPOSE.read_text())
+    data = yaml.safe_load(_with_defaults(COMPOSE.read_text()))
     assert isinstance(data, dict), "docker-compose.yml is not a mapping"
     return data
 
@@ -285,29 +291,9 @@ def test_dockerfile_runs_the_consul_example(dockerfile: tuple[Path, Path]) -> No
     assert "8000" in exposed
 
 
-def _compose_command() -> list[str] | None:
-    """``docker compose`` (the plugin) or ``docker-compose``, if either works."""
-    docker = shutil.which("docker")
-    if docker is not None:
-        try:
-            plugin = subprocess.run(
-                [docker, "compose", "version"],
-                capture_output=True,
-                timeout=30,
-                stdin=subprocess.DEVNULL,
-                check=False,
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            plugin = None
-        if plugin is not None and plugin.returncode == 0:
-            return [docker, "compose"]
-    legacy = shutil.which("docker-compose")
-    return [legacy] if legacy is not None else None
-
-
 def test_docker_compose_config_accepts_the_file() -> None:
     """Compose's own validation; it needs the tool, not a running engine."""
-    compose = _compose_command()
+    compose = compose_command()
     if compose is None:
         pytest.skip("neither `docker compose` nor docker-compose is installed")
     result = subprocess.run(
