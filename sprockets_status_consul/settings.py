@@ -17,7 +17,10 @@ import os
 import re
 import urllib.parse
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .registration import Registration
 
 SETTING = "consul_status"
 """The name of the Tornado application setting this module reads."""
@@ -64,6 +67,7 @@ class Settings:
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
+    register: Registration | None = None
 
     @property
     def address(self) -> str:
@@ -133,6 +137,14 @@ class Settings:
                 f"{kv_origin} must be a Consul KV key without a leading or "
                 f"trailing '/', got {kv_key!r}"
             )
+        register = None
+        if config.get("register") is not None:
+            # Imported here: registration needs the transport, which needs
+            # this module.
+            from .registration import Registration
+
+            register = Registration.from_mapping(config["register"])
+            service = service or register.id
         failure_mode, origin = reader.string("failure_mode", None, FAIL_OPEN)
         if failure_mode not in (FAIL_OPEN, FAIL_CLOSED):
             raise SettingsError(
@@ -167,6 +179,7 @@ class Settings:
             ca_file=ca_file,
             cert_file=cert_file,
             key_file=key_file,
+            register=register,
         )
 
 
@@ -189,6 +202,7 @@ _KEYS = frozenset(
         "ca_file",
         "cert_file",
         "key_file",
+        "register",
     }
 )
 
