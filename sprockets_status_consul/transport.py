@@ -30,6 +30,7 @@ import os
 import socket
 import ssl
 import sys
+import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -207,9 +208,9 @@ class _HTTPClient(_ConsulHTTPClient):  # type: ignore[misc]
         )
 
     def _read_only(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError("the watcher only reads from Consul")
+        raise NotImplementedError("the watcher only reads from Consul, and registers")
 
-    put = delete = post = _read_only
+    delete = post = _read_only
 
     def get(
         self,
@@ -228,11 +229,39 @@ class _HTTPClient(_ConsulHTTPClient):  # type: ignore[misc]
         if wait is not None:
             # Consul adds up to wait/16 of jitter to a blocking query.
             timeout += _seconds(wait) * 17 / 16
+        return self._request(
+            callback, self._http_request("GET", path, params, headers, timeout)
+        )
+
+    def put(
+        self,
+        callback: Callable[[Any], Any],
+        path: str,
+        params: Iterable[tuple[str, Any]] | None = None,
+        data: str | None = "",
+        headers: dict[str, str] | None = None,
+    ) -> Awaitable[Any]:
+        """A PUT, as python-consul2's service registration makes."""
+        request = self._http_request(
+            "PUT", path, list(params or ()), headers, self.settings.timeout, data or ""
+        )
+        return self._request(callback, request)
+
+    def _http_request(
+        self,
+        method: str,
+        path: str,
+        params: list[tuple[str, Any]],
+        headers: dict[str, str] | None,
+        timeout: float,
+        body: str | None = None,
+    ) -> httpclient.HTTPRequest:
         settings = self.settings
-        request = httpclient.HTTPRequest(
+        return httpclient.HTTPRequest(
             self.uri(path, params),
-            method="GET",
+            method=method,
             headers=headers,
+            body=body,
             connect_timeout=settings.timeout,
             request_timeout=timeout,
             follow_redirects=False,  # Consul never redirects; keep the token here
@@ -243,7 +272,6 @@ class _HTTPClient(_ConsulHTTPClient):  # type: ignore[misc]
             # Small answers: gzip costs both ends more than it saves.
             decompress_response=False,
         )
-        return self._request(callback, request)
 
     async def _request(
         self,
@@ -393,6 +421,53 @@ class ConsulClient:
         if value is not None and not isinstance(value, bytes):
             raise ConsulError(f"{path} answered an entry without a usable Value")
         return consul_index, value or b""
+
+    # Registration (see .registration) ---------------------------------
+
+    async def register_service(
+        self,
+        name: str,
+        service_id: str,
+        port: int,
+        *,
+        check_url: str,
+        interval: str,
+        deregister_after: str,
+        timeout: str | None = None,
+        address: str | None = None,
+        tags: list[str] | None = None,
+        meta: dict[str, str] | None = None,
+        enable_tag_override: bool = False,
+    ) -> None:
+        """Register a service on the agent, with an HTTP check of ``check_url``.
+
+        Durations are Go duration strings (``"10s"``). Consul names the check
+        ``service:<service_id>``.
+        """
+        done = await self._agent.service.register(
+            name,
+            service_id=service_id,
+            address=address,
+            port=port,
+            tags=tags,
+            meta=meta,
+            check=consul_base.Check.http(
+                check_url, interval, timeout=timeout, deregister=deregister_after
+            ),
+            enable_tag_override=enable_tag_override,
+        )
+        if done is not True:
+            raise ConsulError(
+                f"{self.http.base_uri}/v1/agent/service/register did not "
+                "register the service"
+            )
+
+    async def deregister_service(self, service_id: str) -> None:
+        """Remove a service (and its check) from the agent.
+
+        A service the agent does not know is already gone: not an error.
+        """
+        await self._agent.service.deregister(urllib.parse.quote(service_id, safe=""))
 
     def close(self) -> None:
         """Close every connection, ending a blocking query still waiting."""
