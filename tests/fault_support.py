@@ -320,8 +320,10 @@ def backends(
     *,
     env: Mapping[str, str] | None = None,
     ready_timeout: float = 20.0,
+    grace: float = 0.0,
 ) -> Iterator[list[Backend]]:
-    """One backend per entry of ``settings``, following the agent at ``address``.
+    """One backend per entry of ``settings``, following the agent at ``address``,
+    each draining for ``grace`` seconds on SIGTERM.
 
     On exit every backend gets SIGTERM (SIGKILL after 10 s); when the block
     ended normally, each must have exited 0 without a traceback in its log.
@@ -343,6 +345,8 @@ def backends(
                         str(port),
                         "--settings",
                         json.dumps(dict(config)),
+                        "--grace",
+                        str(grace),
                     ],
                     cwd=ROOT,
                     env=backend_env(address, env),
