@@ -280,6 +280,8 @@ class Backend:
     process: subprocess.Popen[bytes]
     log_path: Path
     settings: dict[str, Any]
+    expected_exit: int = 0
+    """The exit code :func:`backends` expects; ``-9`` for one a test killed."""
 
     def log(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
@@ -367,7 +369,9 @@ def backends(
     if clean:
         for backend in started:
             log = logs[backend.port]
-            assert exits[backend.port] == 0, f"backend {backend.port} exit: {log}"
+            assert exits[backend.port] == backend.expected_exit, (
+                f"backend {backend.port} exit: {log}"
+            )
             assert "Traceback" not in log, f"backend {backend.port}: {log}"
             assert "Task was destroyed" not in log, f"backend {backend.port}: {log}"
 

@@ -8,7 +8,9 @@ Backend processes (``python -m tests.backend``) register themselves with a
 * service maintenance, node maintenance and the fleet key each take the
   instance out of ``?passing`` within two check intervals, and it comes back;
 * SIGTERM: the instance leaves the catalog while the process still drains,
-  and does not come back before it exits;
+  and does not come back before it exits; SIGKILL: it leaves ``?passing`` at
+  the next check, and the catalog after ``deregister_critical_after``;
+* what the catalog, ``?passing`` and DNS show in each state (README);
 * an agent restarted with empty state gets the registration back from the
   running backend;
 * in a cluster each backend registers on its own agent;
@@ -23,7 +25,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import signal
+import socket
+import struct
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -265,6 +270,94 @@ def test_each_backend_registers_on_its_own_agent_in_a_cluster(
         )
         assert instances[on_one[0][1]]["Node"]["Node"] == one.node_name
         assert instances[on_two[0][1]]["Node"]["Node"] == two.node_name
+
+
+def dns_srv_ports(agent: DevAgent, name: str) -> list[int]:
+    """The ports in the SRV answer of the agent's DNS for ``NAME.service.consul``."""
+    query_id = secrets.randbelow(65536)
+    qname = b"".join(
+        bytes([len(label)]) + label.encode()
+        for label in f"{name}.service.consul".split(".")
+    )
+    question = qname + b"\0" + struct.pack("!HH", 33, 1)  # SRV, IN
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(2)
+        sock.sendto(
+            struct.pack("!HHHHHH", query_id, 0x0100, 1, 0, 0, 0) + question,
+            (agent.host, agent.ports["dns"]),
+        )
+        data = sock.recv(65535)
+    answer_id, flags, _, count, _, _ = struct.unpack("!HHHHHH", data[:12])
+    assert answer_id == query_id, data
+    assert flags & 0xF in (0, 3), f"DNS error {flags & 0xF}"  # ok, NXDOMAIN
+    offset = 12 + len(question)
+    ports = []
+    for _ in range(count):
+        while data[offset] and data[offset] & 0xC0 != 0xC0:  # the name's labels
+            offset += 1 + data[offset]
+        offset += 2 if data[offset] & 0xC0 == 0xC0 else 1
+        kind, _, _, length = struct.unpack("!HHIH", data[offset : offset + 10])
+        offset += 10
+        if kind == 33:
+            ports.append(struct.unpack("!H", data[offset + 4 : offset + 6])[0])
+        offset += length
+    return ports
+
+
+def test_what_catalog_health_and_dns_show_in_each_state(
+    make_dev_agent: Callable[..., DevAgent], record_property: Record
+) -> None:
+    """The README's table: catalog, ?passing and DNS in each state."""
+    agent = make_dev_agent(ports={"dns": free_port(also_udp=True)})
+    name = unique_name()
+
+    def views(service_id: str, port: int) -> tuple[bool, bool, bool]:
+        return (
+            service_id in catalog(agent, name),
+            service_id in passing(agent, name),
+            port in dns_srv_ports(agent, name),
+        )
+
+    def shows(
+        service_id: str, port: int, expected: tuple[bool, ...]
+    ) -> Callable[[], bool]:
+        return lambda: views(service_id, port) == expected
+
+    seen: dict[str, float] = {}
+    with registered(agent, [settings_for(name)] * 3, grace=3.0) as pairs:
+        (ok, ok_id), (drained, drained_id), (killed, killed_id) = pairs
+        assert views(ok_id, ok.port) == (True, True, True)
+
+        agent.consul("maint", "-enable", "-service", ok_id, "-reason", "by hand")
+        seen["maintenance"] = timed(
+            shows(ok_id, ok.port, (True, False, False)), WITHIN_TWO_CHECKS, "maint"
+        )
+        agent.consul("maint", "-disable", "-service", ok_id)
+        timed(shows(ok_id, ok.port, (True, True, True)), 5 * INTERVAL, "ok again")
+
+        drained.process.send_signal(signal.SIGTERM)
+        seen["draining"] = timed(
+            shows(drained_id, drained.port, (False, False, False)), 3.0, "draining"
+        )
+        assert drained.process.poll() is None
+
+        killed.process.kill()
+        killed.expected_exit = -signal.SIGKILL
+        seen["killed"] = timed(
+            shows(killed_id, killed.port, (True, False, False)),
+            WITHIN_TWO_CHECKS,
+            "killed",
+        )
+        assert views(ok_id, ok.port) == (True, True, True)
+        # Consul's reaper, every 30 s, removes what has been critical for
+        # deregister_critical_after (1 min): the one slow wait of this file.
+        seen["killed_removed"] = timed(
+            shows(killed_id, killed.port, (False, False, False)), 120.0, "reaped"
+        )
+        assert views(ok_id, ok.port) == (True, True, True)
+    measured(
+        record_property, "registration.views", **{f"{k}_s": v for k, v in seen.items()}
+    )
 
 
 # --------------------------------------------------------------------------
