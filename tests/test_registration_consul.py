@@ -29,6 +29,8 @@ import secrets
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -41,7 +43,7 @@ from tornado import web
 import sprockets_status_consul as ssc
 
 from .consul_agent import AgentBase, DevAgent, free_port, wait_for
-from .fault_support import FAST, Backend, backends, measured
+from .fault_support import FAST, ROOT, Backend, backend_env, backends, measured
 from .test_cluster import client_of
 from .test_security import AclAgent, _create_token, acl, serving  # noqa: F401
 
@@ -358,6 +360,50 @@ def test_what_catalog_health_and_dns_show_in_each_state(
     measured(
         record_property, "registration.views", **{f"{k}_s": v for k, v in seen.items()}
     )
+
+
+def readme_example() -> str:
+    """The Python example of the README's "Registering with Consul"."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Registering with Consul", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_example_registers_and_deregisters(
+    consul_agent: AgentBase,
+) -> None:
+    port = free_port()
+    code = readme_example()
+    assert "port = 8000" in code
+    process = subprocess.Popen(
+        [sys.executable, "-c", code.replace("port = 8000", f"port = {port}")],
+        env=backend_env(consul_agent.http_addr, token_env(consul_agent)),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        service_id = id_on_port(consul_agent, "web", port)
+        instance = wait_for(
+            lambda: passing(consul_agent, "web").get(service_id),
+            10,
+            message="the README example is not passing",
+        )
+        assert instance["Service"]["Tags"] == ["v2"]
+        process.send_signal(signal.SIGTERM)
+        timed(
+            lambda: service_id not in catalog(consul_agent, "web"),
+            5,
+            "the README example still registered",
+        )
+        assert process.poll() is None  # draining: grace=10
+        process.send_signal(signal.SIGTERM)  # a second signal cuts it short
+        _, stderr = process.communicate(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=10)
+    assert process.returncode == 0, stderr
 
 
 # --------------------------------------------------------------------------
