@@ -319,6 +319,7 @@ class Registrar:
         self._wanted: asyncio.Event | None = None
         self._error: str | None = None
         self._lost_at: float | None = None
+        self._in_flight = False
         self._host: str | None = registration.address
 
     def start(self, client: ConsulClient) -> None:
@@ -353,7 +354,8 @@ class Registrar:
         """Deregister, once and for good: the agent stops routing here at once."""
         if self.state == "withdrawn":
             return
-        registered = self.state in ("pending", "seen", "lost")
+        # A registration in flight may have reached the agent: withdraw it too.
+        registered = self._in_flight or self.state in ("pending", "seen", "lost")
         self.state = "withdrawn"
         self.abandon()
         client = self._client
@@ -414,21 +416,25 @@ class Registrar:
                     f"({error.strerror or error}); set register's address"
                 ) from None
         url = registration.check_url(self._host)
-        await client.register_service(
-            registration.name,
-            registration.id,
-            registration.port,
-            address=registration.address,
-            tags=list(registration.tags),
-            meta=dict(registration.meta),
-            check_url=url,
-            interval=duration_text(registration.check_interval),
-            timeout=None
-            if registration.check_timeout is None
-            else duration_text(registration.check_timeout),
-            deregister_after=duration_text(registration.deregister_critical_after),
-            enable_tag_override=registration.enable_tag_override,
-        )
+        self._in_flight = True
+        try:
+            await client.register_service(
+                registration.name,
+                registration.id,
+                registration.port,
+                address=registration.address,
+                tags=list(registration.tags),
+                meta=dict(registration.meta),
+                check_url=url,
+                interval=duration_text(registration.check_interval),
+                timeout=None
+                if registration.check_timeout is None
+                else duration_text(registration.check_timeout),
+                deregister_after=duration_text(registration.deregister_critical_after),
+                enable_tag_override=registration.enable_tag_override,
+            )
+        finally:
+            self._in_flight = False
         if self.state == "withdrawn":  # withdrawn while the agent answered
             return
         again = self.state == "lost" or self.registered_at is not None
