@@ -16,9 +16,10 @@ service is registered again, without a query of its own.
 
 The default ID is ``<name>-<host name>-<port>-<pid>-<6 random hex digits>``:
 the host name tells containers apart, the port and the process ID the
-processes of one host, and the random part two containers that share a host
-name and a PID namespace's numbers (``--network host``), or a PID reused after
-a restart.
+processes of one host, and the random part, drawn once per interpreter, two
+containers that share a host name and a PID namespace's numbers
+(``--network host``), or a PID reused after a restart. Within one process the
+ID stays the same, so a watcher made again registers the same instance.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ _UNITS = {
 }
 _META_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _HOST_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
+_PROCESS_TOKEN = secrets.token_hex(3)
 _KEYS = frozenset(
     {
         "name",
@@ -201,7 +203,7 @@ class Registration:
 def default_id(name: str, port: int) -> str:
     """A service ID unique per process on a node (see the module's doc)."""
     host = _HOST_NAME.sub("-", socket.gethostname()).strip("-.") or "host"
-    return f"{name}-{host}-{port}-{os.getpid()}-{secrets.token_hex(3)}"
+    return f"{name}-{host}-{port}-{os.getpid()}-{_PROCESS_TOKEN}"
 
 
 def duration_text(seconds: float) -> str:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import re
 import socket
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -106,17 +108,40 @@ def test_durations(value: Any, seconds: float, text: str) -> None:
     assert duration_text(register.check_interval) == text
 
 
-def test_the_default_id_is_unique_per_process_and_readable() -> None:
-    first = resolve({"name": "web", "port": 8000}).register
-    second = resolve({"name": "web", "port": 8000}).register
-    assert first is not None and second is not None
-    # Two processes of one host share name, host and perhaps port; pid and
-    # the random part tell them apart (two here stand for two processes
-    # whose PIDs collide, as in two containers with --network host).
-    assert first.id != second.id
+def default_id_of(register: dict[str, Any]) -> str:
+    settings = resolve(register)
+    assert settings.register is not None
+    return settings.register.id
+
+
+def test_the_default_id_is_readable_and_stable_within_a_process() -> None:
+    first = default_id_of({"name": "web", "port": 8000})
     host = re.sub(r"[^A-Za-z0-9_.-]+", "-", socket.gethostname()).strip("-.")
     pattern = rf"web-{re.escape(host)}-8000-{os.getpid()}-[0-9a-f]{{6}}"
-    assert re.fullmatch(pattern, first.id), first.id
+    assert re.fullmatch(pattern, first), first
+    # A watcher made again in this process registers the same instance.
+    assert default_id_of({"name": "web", "port": 8000}) == first
+    assert default_id_of({"name": "web", "port": 8001}) != first
+
+
+def test_another_process_gets_another_default_id() -> None:
+    code = (
+        "from sprockets_status_consul import Settings; "
+        "print(Settings.from_mapping("
+        "{'register': {'name': 'web', 'port': 8000}}, environ={}).register.id)"
+    )
+    ids = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout.strip()
+        for _ in range(2)
+    }
+    ids.add(default_id_of({"name": "web", "port": 8000}))
+    assert len(ids) == 3, ids
 
 
 @pytest.mark.parametrize(
