@@ -6,6 +6,7 @@ What registration does against a real agent is in
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import socket
@@ -203,3 +204,34 @@ def test_a_registration_is_lost_only_once_it_was_seen() -> None:
     assert registrar.state == "seen"
     registrar.checks_seen([serf])
     assert registrar.state == "lost"
+
+
+def test_a_registration_in_flight_at_shutdown_is_withdrawn() -> None:
+    register = resolve({"name": "web", "port": 8000, "address": "127.0.0.1"}).register
+    assert register is not None
+    calls: list[tuple[str, str]] = []
+
+    class Agent:
+        """Stands in for ConsulClient: the agent takes the PUT, never answers."""
+
+        settings = Settings.from_mapping({}, environ={})
+
+        async def register_service(
+            self, name: str, service_id: str, *_: Any, **__: Any
+        ) -> None:
+            calls.append(("register", service_id))
+            await asyncio.Event().wait()
+
+        async def deregister_service(self, service_id: str) -> None:
+            calls.append(("deregister", service_id))
+
+    async def main() -> None:
+        registrar = Registrar(register, retry_max=1.0, agent="http://127.0.0.1:8500")
+        registrar.start(Agent())  # type: ignore[arg-type]
+        while not calls:
+            await asyncio.sleep(0.001)
+        await registrar.withdraw()
+        assert registrar.state == "withdrawn"
+
+    asyncio.run(asyncio.wait_for(main(), 5))
+    assert calls == [("register", register.id), ("deregister", register.id)]
