@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from tornado import httpserver, web
 
 from .status import DRAINING
-from .watcher import stop
+from .watcher import deregister, stop
 
 LOGGER = logging.getLogger(__name__)
 
@@ -31,13 +31,16 @@ async def drain(
     grace: float,
     cut_short: asyncio.Event | None = None,
 ) -> None:
-    """Report ``draining`` for ``grace`` seconds, then stop serving.
+    """Deregister, report ``draining`` for ``grace`` seconds, then stop serving.
 
-    Sets ``application.status`` to :data:`~.status.DRAINING` (503 at
-    ``/status``, liveness stays 200), waits ``grace`` seconds (or until
-    ``cut_short`` is set), stops ``server`` from accepting connections,
-    closes the open ones and stops the application's Consul watcher.
+    Withdraws the service's registration in Consul, if any (so Consul stops
+    routing here at once), sets ``application.status`` to
+    :data:`~.status.DRAINING` (503 at ``/status``, liveness stays 200),
+    waits ``grace`` seconds (or until ``cut_short`` is set), stops ``server``
+    from accepting connections, closes the open ones and stops the
+    application's Consul watcher.
     """
+    await deregister(application)
     application.status = DRAINING  # type: ignore[attr-defined]
     LOGGER.info("draining: /status answers 503 for %.1f s before stopping", grace)
     if cut_short is None:

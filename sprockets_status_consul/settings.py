@@ -17,7 +17,10 @@ import os
 import re
 import urllib.parse
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .registration import Registration
 
 SETTING = "consul_status"
 """The name of the Tornado application setting this module reads."""
@@ -69,9 +72,13 @@ class Settings:
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
+    register: Registration | None = None
 
     def __post_init__(self) -> None:
         """Check every field: the one place the rules live."""
+        if self.register is not None and self.service is None:
+            # A registered instance follows its own service maintenance.
+            object.__setattr__(self, "service", self.register.id)
         problem = next(_problems(self), None)
         if problem is not None:
             raise _FieldError(*problem)
@@ -151,6 +158,12 @@ class Settings:
             value, _ = reader.get(name, None)
             if value is not None:
                 values[name] = value
+        if config.get("register") is not None:
+            # Imported here: registration needs the transport, which needs
+            # this module.
+            from .registration import Registration
+
+            values["register"] = Registration.from_mapping(config["register"])
         try:
             return cls(**values)
         except _FieldError as error:
@@ -272,6 +285,7 @@ _KEYS = frozenset(
         "ca_file",
         "cert_file",
         "key_file",
+        "register",
     }
 )
 

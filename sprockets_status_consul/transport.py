@@ -34,6 +34,7 @@ import ipaddress
 import logging
 import socket
 import ssl
+import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -655,6 +656,53 @@ class ConsulClient:
         if value is not None and not isinstance(value, bytes):
             raise ConsulError(f"{path} answered an entry without a usable Value")
         return consul_index, value or b""
+
+    # Registration (see .registration) ---------------------------------
+
+    async def register_service(
+        self,
+        name: str,
+        service_id: str,
+        port: int,
+        *,
+        check_url: str,
+        interval: str,
+        deregister_after: str,
+        timeout: str | None = None,
+        address: str | None = None,
+        tags: list[str] | None = None,
+        meta: dict[str, str] | None = None,
+        enable_tag_override: bool = False,
+    ) -> None:
+        """Register a service on the agent, with an HTTP check of ``check_url``.
+
+        Durations are Go duration strings (``"10s"``). Consul names the check
+        ``service:<service_id>``.
+        """
+        done = await self.agent.service.register(
+            name,
+            service_id=service_id,
+            address=address,
+            port=port,
+            tags=tags,
+            meta=meta,
+            check=consul.Check.http(
+                check_url, interval, timeout=timeout, deregister=deregister_after
+            ),
+            enable_tag_override=enable_tag_override,
+        )
+        if done is not True:
+            raise ConsulError(
+                f"{self.http.base_uri}/v1/agent/service/register did not "
+                "register the service"
+            )
+
+    async def deregister_service(self, service_id: str) -> None:
+        """Remove a service (and its check) from the agent.
+
+        A service the agent does not know is already gone: not an error.
+        """
+        await self.agent.service.deregister(urllib.parse.quote(service_id, safe=""))
 
     def close(self) -> None:
         """Close the connection now, ending a blocking query still waiting.

@@ -39,14 +39,15 @@ import logging
 import random
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from tornado import web
 
 from . import status as st
+from .registration import Registrar
 from .settings import FAIL_CLOSED, SETTING, Settings, SettingsError, resolve
-from .transport import ConsulClient, ConsulError
+from .transport import Check, ConsulClient, ConsulError
 
 LOGGER = logging.getLogger(__name__)
 
@@ -126,9 +127,16 @@ class NodeSource(Source):
 
     name = "node"
 
-    def __init__(self, node: str | None, service: str | None = None) -> None:
+    def __init__(
+        self,
+        node: str | None,
+        service: str | None = None,
+        on_checks: Callable[[Sequence[Check]], None] | None = None,
+    ) -> None:
         self.node = node
         self.service = service
+        self.on_checks = on_checks
+        """Given every answer's checks: how a registration learns it was lost."""
         self.service_check = (
             None if service is None else f"{SERVICE_MAINTENANCE_CHECK}{service}"
         )
@@ -178,6 +186,8 @@ class NodeSource(Source):
                 f"Consul knows no node named {self.node!r}, or the ACL token "
                 "may not read it (it needs node:read)"
             )
+        if self.on_checks is not None:
+            self.on_checks(checks)
         critical = {
             check["CheckID"]: check.get("Notes") or ""
             for check in checks
@@ -249,7 +259,15 @@ class ConsulWatcher:
     def __init__(self, settings: Settings, client: ConsulClient | None = None) -> None:
         self.settings = settings
         self._client = client
-        sources: list[Source] = [NodeSource(settings.node, settings.service)]
+        # Registration: registers at start, again when the node's checks show
+        # it lost, and deregisters first thing at stop (see .registration).
+        self.registrar = (
+            None
+            if settings.register is None
+            else Registrar(settings.register, settings.retry_max, settings.address)
+        )
+        on_checks = None if self.registrar is None else self.registrar.checks_seen
+        sources: list[Source] = [NodeSource(settings.node, settings.service, on_checks)]
         if settings.key is not None:
             sources.append(KeySource(settings.key))
         self._followed = [_Followed(source) for source in sources]
@@ -314,6 +332,12 @@ class ConsulWatcher:
             for followed in self._followed
         ]
         self._loop = loop
+        if self.registrar is not None:
+            # Its own client: a registration must not queue behind a
+            # blocking query.
+            fresh.run(
+                self.registrar.start, self._client or ConsulClient(self.settings)
+            )
 
     def abandon(self) -> None:
         """Stop without awaiting: for a watcher whose loop will not run again.
@@ -325,10 +349,18 @@ class ConsulWatcher:
         if self._loop is not None and not self._loop.is_closed():
             for task in tasks:
                 task.cancel()
+        if self.registrar is not None:
+            self.registrar.abandon()
         self._halt()
 
+    async def deregister(self) -> None:
+        """Withdraw the service's registration for good, if there is one."""
+        if self.registrar is not None and self._loop is not None:
+            await self.registrar.withdraw()
+
     async def stop(self) -> None:
-        """Stop following Consul and close its connections."""
+        """Deregister, stop following Consul and close its connections."""
+        await self.deregister()
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
@@ -358,6 +390,8 @@ class ConsulWatcher:
         for followed in self._followed:
             if followed.client is not None:
                 followed.client.close()
+        if self.registrar is not None:
+            self.registrar.close()
 
     def _abandon_from_any_thread(self) -> None:
         """Abandon on the watcher's own loop, from whatever thread runs this."""
@@ -708,6 +742,17 @@ def _start(
         orphaned.atexit = False
         watcher._orphaned = orphaned
     return True
+
+
+async def deregister(application: web.Application) -> None:
+    """Withdraw the application's registration in Consul, if it has one.
+
+    Consul stops routing to the process at once; the watcher keeps following
+    maintenance, and never registers again.
+    """
+    watcher = _WATCHERS.get(application)
+    if watcher is not None:
+        await watcher.deregister()
 
 
 async def stop(application: web.Application) -> None:

@@ -3,7 +3,8 @@
 ``python -m tests.backend --port 8001`` serves :class:`ConsulStatusHandler` at
 ``/status`` and :class:`LivenessHandler` at ``/live``, following the agent
 named by ``CONSUL_HTTP_ADDR``, and prints ``ready`` once it listens. SIGTERM
-drains it for ``--grace`` seconds and stops it cleanly (exit code 0).
+drains it for ``--grace`` seconds and stops it cleanly (exit code 0). A
+``register`` setting without a ``port`` registers the ``--port`` it serves on.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import asyncio
 import json
 import logging
+from typing import Any
 
 from tornado import web
 
@@ -19,8 +21,11 @@ import sprockets_status_consul as ssc
 
 
 async def serve(
-    port: int, settings: dict[str, object], grace: float, address: str = "127.0.0.1"
+    port: int, settings: dict[str, Any], grace: float, address: str = "127.0.0.1"
 ) -> None:
+    register = settings.get("register")
+    if isinstance(register, dict):
+        settings = {**settings, "register": {"port": port, **register}}
     app = web.Application(
         [
             (r"/status", ssc.ConsulStatusHandler),

@@ -280,6 +280,8 @@ class Backend:
     process: subprocess.Popen[bytes]
     log_path: Path
     settings: dict[str, Any]
+    expected_exit: int = 0
+    """The exit code :func:`backends` expects; ``-9`` for one a test killed."""
 
     def log(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
@@ -320,8 +322,10 @@ def backends(
     *,
     env: Mapping[str, str] | None = None,
     ready_timeout: float = 20.0,
+    grace: float = 0.0,
 ) -> Iterator[list[Backend]]:
-    """One backend per entry of ``settings``, following the agent at ``address``.
+    """One backend per entry of ``settings``, following the agent at ``address``,
+    each draining for ``grace`` seconds on SIGTERM.
 
     On exit every backend gets SIGTERM (SIGKILL after 10 s); when the block
     ended normally, each must have exited 0 without a traceback in its log.
@@ -343,6 +347,8 @@ def backends(
                         str(port),
                         "--settings",
                         json.dumps(dict(config)),
+                        "--grace",
+                        str(grace),
                     ],
                     cwd=ROOT,
                     env=backend_env(address, env),
@@ -363,7 +369,9 @@ def backends(
     if clean:
         for backend in started:
             log = logs[backend.port]
-            assert exits[backend.port] == 0, f"backend {backend.port} exit: {log}"
+            assert exits[backend.port] == backend.expected_exit, (
+                f"backend {backend.port} exit: {log}"
+            )
             assert "Traceback" not in log, f"backend {backend.port}: {log}"
             assert "Task was destroyed" not in log, f"backend {backend.port}: {log}"
 
