@@ -6,6 +6,8 @@
 that a request never waits on Consul.
 """
 
+from .changes import on_change, status_changed
+from .checks import add_check
 from .drain import drain, serve_until_signalled
 from .handler import (
     ConsulStatusHandler,
@@ -14,7 +16,15 @@ from .handler import (
     set_application,
 )
 from .settings import FAIL_CLOSED, FAIL_OPEN, Settings, SettingsError
-from .status import DRAINING, MAINTENANCE, OK, UNKNOWN, ConsulStatus
+from .status import (
+    DRAINING,
+    MAINTENANCE,
+    OK,
+    UNKNOWN,
+    Answer,
+    CheckResult,
+    ConsulStatus,
+)
 from .transport import ConsulError
 from .watcher import ConsulWatcher, stop, watch
 
@@ -25,6 +35,8 @@ __all__ = [
     "MAINTENANCE",
     "OK",
     "UNKNOWN",
+    "Answer",
+    "CheckResult",
     "ConsulError",
     "ConsulStatus",
     "ConsulStatusHandler",
@@ -33,9 +45,12 @@ __all__ = [
     "Settings",
     "SettingsError",
     "StatusHandler",
+    "add_check",
     "drain",
+    "on_change",
     "serve_until_signalled",
     "set_application",
+    "status_changed",
     "stop",
     "watch",
 ]

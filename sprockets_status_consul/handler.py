@@ -17,7 +17,8 @@ from typing import Any
 
 from tornado import escape, web
 
-from . import health
+from . import checks, health
+from . import status as st
 from .settings import SettingsError
 from .status import CONNECTED, DRAINING, MAINTENANCE, OK, ConsulStatus
 from .watcher import ConsulWatcher, watch
@@ -220,26 +221,35 @@ class ConsulStatusHandler(StatusHandler):
         await watcher.wait_ready(watcher.settings.startup_wait)
         self.consul_status = watcher.status()
 
+    # The application's checks, and the answer they make with the rest ----
+
+    @functools.cached_property
+    def check_results(self) -> tuple[st.CheckResult, ...]:
+        """What the application's checks said when the request came in."""
+        return checks.results(self.application)
+
+    @functools.cached_property
+    def answer(self) -> st.Answer:
+        """What this request answers, in the order of :func:`~.status.answer`."""
+        return st.answer(self.own_status, self.consul_status, self.check_results)
+
     def _application_status(self) -> str:
-        if self.own_status != OK:
-            return self.own_status
-        return self.consul_status.status
+        return self.answer.status
 
     def _status_response(self) -> dict[str, Any]:
         body = super()._status_response()
         consul = self.consul_status
         body["consul"] = consul.consul
-        if self.own_status != OK:
-            body["source"] = "application"
-        elif consul.status != OK:
-            body["source"] = consul.source
-            body["reason"] = consul.reason
+        if self.answer.source is not None:
+            body["source"] = self.answer.source
+        if self.answer.reason is not None:
+            body["reason"] = self.answer.reason
         if consul.age is not None:
             body["consul_age"] = consul.age
         return body
 
     def _health_checks(self) -> dict[str, list[dict[str, Any]]]:
-        checks = {"application:status": _application_check(self.own_status)}
+        entries = {"application:status": _application_check(self.own_status)}
         for source in self.consul_status.sources:
             if source.maintenance:
                 status = health.FAIL
@@ -247,10 +257,12 @@ class ConsulStatusHandler(StatusHandler):
                 status = health.PASS
             else:
                 status = health.WARN
-            checks[f"consul-{source.name}:maintenance"] = health.check(
+            entries[f"consul-{source.name}:maintenance"] = health.check(
                 status,
                 MAINTENANCE if source.maintenance else OK,
                 source.subject,
                 source.reason if source.maintenance else source.error,
             )
-        return checks
+        for result in self.check_results:
+            entries[f"{result.name}:status"] = health.check_result(result)
+        return entries

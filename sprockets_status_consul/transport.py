@@ -97,6 +97,10 @@ class ConsulError(Exception):
     """
 
 
+class ConsulTimeout(ConsulError):
+    """Consul did not answer (or let us connect) within the timeout."""
+
+
 def _seconds(duration: str) -> float:
     """Seconds in a ``wait`` parameter as this module writes it (``"1500ms"``)."""
     return int(duration[:-2]) / 1000.0
@@ -263,6 +267,10 @@ class _HTTPClient(_ConsulHTTPClient):  # type: ignore[misc]
             ) from None
         except httpclient.HTTPClientError as error:
             # Tornado's 599: a timeout, or the connection closed mid-answer.
+            if isinstance(error, simple_httpclient.HTTPTimeoutError):
+                raise ConsulTimeout(
+                    f"no answer from {self.base_uri}{path}: {error.message}"
+                ) from None
             raise ConsulError(
                 f"no answer from {self.base_uri}{path}: {error.message}"
             ) from None

@@ -27,13 +27,15 @@ import logging
 import random
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from tornado import web
 
+from . import checks
 from . import status as st
 from .settings import FAIL_CLOSED, SETTING, Settings
-from .transport import ConsulClient, ConsulError
+from .transport import ConsulClient, ConsulError, ConsulTimeout
 
 LOGGER = logging.getLogger(__name__)
 
@@ -48,6 +50,9 @@ RETRY_MIN = 0.05
 
 MIN_INTERVAL = 0.05
 """An unchanged answer that came back sooner than this is not asked again at once."""
+
+OBSERVERS: list[Callable[[ConsulWatcher], None]] = []
+"""Called on the loop after each answer or error of a watcher (see :mod:`.changes`)."""
 
 
 class Source:
@@ -221,6 +226,8 @@ class ConsulWatcher:
         self._stopped = False
         self.ready = False
         """Whether every source has answered or failed at least once."""
+        self.queries = {"ok": 0, "error": 0, "timeout": 0}
+        """How many queries to Consul ended in each outcome (see :mod:`.metrics`)."""
 
     @property
     def node(self) -> str | None:
@@ -312,12 +319,15 @@ class ConsulWatcher:
                         client, index, wait if index else None
                     )
                 except ConsulError as error:
+                    timeout = isinstance(error, ConsulTimeout)
+                    self.queries["timeout" if timeout else "error"] += 1
                     failures += 1
                     self._failed(followed, str(error))
                     index = 0
                     await asyncio.sleep(_backoff(failures, settings.retry_max))
                     continue
                 except Exception as error:  # a bug here must not stop the loop
+                    self.queries["error"] += 1
                     failures += 1
                     if failures == 1:
                         LOGGER.exception("unexpected error following Consul")
@@ -325,6 +335,7 @@ class ConsulWatcher:
                     index = 0
                     await asyncio.sleep(_backoff(failures, settings.retry_max))
                     continue
+                self.queries["ok"] += 1
                 failures = 0
                 self._answered(followed, verdict)
                 if not settings.blocking:
@@ -394,6 +405,8 @@ class ConsulWatcher:
             )
         if self.ready and self._ready is not None:
             self._ready.set()
+        for observer in OBSERVERS:  # what /status answers may have changed
+            observer(self)
 
     def _compute(self, now: float) -> st.ConsulStatus:
         settings = self.settings
@@ -494,7 +507,8 @@ def watch(application: web.Application) -> ConsulWatcher:
 
 
 async def stop(application: web.Application) -> None:
-    """Stop the application's watcher, if it has one; for a clean shutdown."""
+    """Stop the application's watcher and checks, if any; for a clean shutdown."""
     watcher = _WATCHERS.pop(application, None)
     if watcher is not None:
         await watcher.stop()
+    await checks.stop(application)
