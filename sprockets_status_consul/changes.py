@@ -106,14 +106,14 @@ def own_status(application: web.Application) -> str:
     return str(getattr(application, "status", st.OK))
 
 
-def _watcher_of(application: web.Application) -> watcher_module.ConsulWatcher | None:
-    # The application's watcher if it has one; never makes one.
+def watcher_of(application: web.Application) -> watcher_module.ConsulWatcher | None:
+    """The application's Consul watcher if it has one; never makes one."""
     return watcher_module._WATCHERS.get(application)
 
 
 def current(application: web.Application) -> st.Answer:
     """What ``/status`` answers now, by memory only (see :func:`~.status.answer`)."""
-    watcher = _watcher_of(application)
+    watcher = watcher_of(application)
     return st.answer(
         own_status(application),
         None if watcher is None else watcher.status(),
@@ -179,7 +179,7 @@ def status_changed(application: web.Application) -> None:
 def _watcher_changed(watcher: watcher_module.ConsulWatcher) -> None:
     try:
         for application in {*_FOLLOWERS.keys(), *checks.applications()}:
-            if _watcher_of(application) is watcher:
+            if watcher_of(application) is watcher:
                 checks.start(application)  # checks start with the watcher
                 status_changed(application)
     except Exception:  # never into the watcher's loop
