@@ -194,17 +194,34 @@ def test_the_applications_own_status_drain_and_checks_are_noticed() -> None:
         ssc.status_changed(app)
         verdict["db"] = False
         await until(lambda: len(recorder.calls) == 3)
-        await ssc.drain(app, None, grace=0)
         assert recorder.statuses() == [
             ("maintenance", "application"),
             ("ok", None),
             ("maintenance", "check"),
-            ("draining", "application"),
         ]
         assert recorder.calls[2][1].reason == "db: returned False"
         remove()
-        app.status = ssc.OK  # type: ignore[attr-defined]
+        app.status = ssc.MAINTENANCE  # type: ignore[attr-defined]
         ssc.status_changed(app)
-        assert len(recorder.calls) == 4
+        assert len(recorder.calls) == 3
+        await ssc.stop(app)
+
+    run_clean(main)
+
+
+def test_drain_tells_the_listeners_at_once() -> None:
+    async def main() -> None:
+        app, consul, watcher = scripted_app()
+        recorder = Recorder()
+        ssc.on_change(app, recorder)
+        watcher.start()
+        consul.answer(3)
+        await until(lambda: watcher.ready)
+        done = asyncio.Event()
+        draining = asyncio.ensure_future(ssc.drain(app, None, grace=30, cut_short=done))
+        await until(lambda: bool(recorder.calls))  # well before the grace ends
+        assert recorder.calls == [(OK, st.Answer(st.DRAINING, "application"))]
+        done.set()
+        await draining
 
     run_clean(main)

@@ -58,7 +58,7 @@ def run_clean(main: Callable[[], Awaitable[T]]) -> T:
 
 
 async def stop_and_check_nothing_is_left(app: web.Application) -> None:
-    await ssc.stop(app)
+    await asyncio.wait_for(ssc.stop(app), 5)
     assert asyncio.all_tasks() == {asyncio.current_task()}
 
 

@@ -98,6 +98,9 @@ def test_the_metrics_follow_consul_the_checks_and_the_application() -> None:
         samples = scrape(registry)
         assert maintenance_sources(samples) == {"application"}
         assert value(samples, "changes_total") == 2
+        app.status = "broken"  # a 500: neither up nor in maintenance
+        samples = scrape(registry)
+        assert (value(samples, "up"), maintenance_sources(samples)) == (0, set())
         await ssc.stop(app)
 
     run_clean(main)
