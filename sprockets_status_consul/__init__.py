@@ -25,7 +25,7 @@ from .status import (
     CheckResult,
     ConsulStatus,
 )
-from .transport import ConsulError
+from .transport import ConsulError, ConsulTimeout
 from .watcher import ConsulWatcher, stop, watch
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "ConsulError",
     "ConsulStatus",
     "ConsulStatusHandler",
+    "ConsulTimeout",
     "ConsulWatcher",
     "LivenessHandler",
     "Settings",

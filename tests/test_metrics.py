@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 
+import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from tornado import testing, web
@@ -177,3 +179,22 @@ def test_the_library_imports_without_prometheus_client() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "pip install 'sprockets-status-consul[prometheus]'" in done.stdout
+
+
+def test_the_readmes_alert_rule_uses_a_metric_we_export() -> None:
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", readme, re.DOTALL)
+    rules = [
+        rule
+        for block in blocks
+        if "alert:" in block
+        for group in yaml.safe_load(block)["groups"]
+        for rule in group["rules"]
+    ]
+    assert len(rules) == 1
+    rule = rules[0]
+    expr = "sprockets_status_consul_connected == 0"
+    assert (rule["expr"], rule["for"]) == (expr, "5m")
+    registry = CollectorRegistry()
+    metrics.register(web.Application(), registry)
+    assert value(scrape(registry), "consul_connected") == 0  # no watcher: not connected
