@@ -17,7 +17,8 @@ from typing import Any
 
 from tornado import escape, web
 
-from . import checks, health
+from . import checks as checks_module
+from . import health
 from . import status as st
 from .settings import SettingsError
 from .status import CONNECTED, DRAINING, MAINTENANCE, OK, ConsulStatus
@@ -226,7 +227,7 @@ class ConsulStatusHandler(StatusHandler):
     @functools.cached_property
     def check_results(self) -> tuple[st.CheckResult, ...]:
         """What the application's checks said when the request came in."""
-        return checks.results(self.application)
+        return checks_module.results(self.application)
 
     @functools.cached_property
     def answer(self) -> st.Answer:
@@ -249,7 +250,7 @@ class ConsulStatusHandler(StatusHandler):
         return body
 
     def _health_checks(self) -> dict[str, list[dict[str, Any]]]:
-        entries = {"application:status": _application_check(self.own_status)}
+        checks = {"application:status": _application_check(self.own_status)}
         for source in self.consul_status.sources:
             if source.maintenance:
                 status = health.FAIL
@@ -257,12 +258,12 @@ class ConsulStatusHandler(StatusHandler):
                 status = health.PASS
             else:
                 status = health.WARN
-            entries[f"consul-{source.name}:maintenance"] = health.check(
+            checks[f"consul-{source.name}:maintenance"] = health.check(
                 status,
                 MAINTENANCE if source.maintenance else OK,
                 source.subject,
                 source.reason if source.maintenance else source.error,
             )
         for result in self.check_results:
-            entries[f"{result.name}:status"] = health.check_result(result)
-        return entries
+            checks[f"{result.name}:status"] = health.check_result(result)
+        return checks
