@@ -72,7 +72,10 @@ class _Check:
         self.is_async = inspect.iscoroutinefunction(function) or (
             inspect.iscoroutinefunction(type(function).__call__)  # async __call__
         )
+        self.fail_closed = fail_closed
         self.failures = 0  # consecutive failed runs
+        self.passed = False  # at least one run succeeded
+        self.reported = False  # whether the log last said it fails
         self.in_thread = False  # a sync run that timed out may still be going
         self.result = st.CheckResult(
             name, critical, fail_closed, NO_RESULT if fail_closed else None
@@ -114,15 +117,22 @@ class _Check:
         finally:
             self.in_thread = False
 
-    def record(self, reason: str | None, duration: float) -> bool:
-        """Keep one run's outcome; True when whether it counts as failing changed."""
+    def record(self, reason: str | None, duration: float) -> None:
+        """Keep one run's outcome; log when whether it counts as failing changes."""
         self.failures = 0 if reason is None else self.failures + 1
-        failing = self.failures >= self.fail_after
-        changed = failing != self.result.failing
+        self.passed = self.passed or reason is None
+        failing = self.failures >= self.fail_after or (
+            self.fail_closed and not self.passed
+        )
         self.result = st.CheckResult(
             self.name, self.critical, failing, reason, time.time(), duration
         )
-        return changed
+        if failing != self.reported:
+            if failing:
+                LOGGER.warning("check %s failing: %s", self.name, reason)
+            else:
+                LOGGER.info("check %s passes again", self.name)
+            self.reported = failing
 
 
 class Checks:
@@ -184,12 +194,7 @@ class Checks:
         while True:
             started = loop.time()
             reason = await check.run()
-            duration = loop.time() - started
-            if check.record(reason, duration):
-                if check.result.failing:
-                    LOGGER.warning("check %s failing: %s", check.name, reason)
-                else:
-                    LOGGER.info("check %s passes again", check.name)
+            check.record(reason, loop.time() - started)
             self._publish()
             application = self._application()
             if application is None:
@@ -241,7 +246,8 @@ def add_check(
     A failing ``critical`` check makes ``/status`` answer 503 with source
     ``check`` and reason ``"NAME: reason"``; a failing non-critical one shows
     as ``warn`` in health+json only. Before its first result a check counts
-    as passing, or as failing when ``fail_closed`` is set.
+    as passing; with ``fail_closed`` it counts as failing until a run
+    succeeds.
     """
     if not isinstance(name, str) or not name or ":" in name or name in RESERVED:
         raise ValueError(

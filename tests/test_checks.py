@@ -244,6 +244,36 @@ def test_before_the_first_result_passing_unless_fail_closed() -> None:
     run_clean(main)
 
 
+def test_fail_closed_fails_until_the_first_success(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def main() -> None:
+        app = web.Application()
+        verdicts: asyncio.Queue[bool] = asyncio.Queue()
+
+        async def scripted() -> bool:
+            return await verdicts.get()
+
+        ssc.add_check(
+            app, "db", scripted, interval=0.001, fail_after=3, fail_closed=True
+        )
+        seen = []
+        for verdict in (False, True, False):
+            verdicts.put_nowait(verdict)
+            seen.append((await next_result(app, "db")).failing)
+        assert seen == [True, False, False]  # then fail_after counts
+        await stop_and_check_nothing_is_left(app)
+
+    with caplog.at_level(logging.INFO, logger="sprockets_status_consul"):
+        run_clean(main)
+    assert [r.getMessage() for r in caplog.records] == [
+        "check db failing: returned False",
+        "check db passes again",
+    ]
+
+    run_clean(main)
+
+
 def test_stop_cancels_a_run_in_progress() -> None:
     async def main() -> None:
         app = web.Application()
