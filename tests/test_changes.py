@@ -225,3 +225,27 @@ def test_drain_tells_the_listeners_at_once() -> None:
         await draining
 
     run_clean(main)
+
+
+def test_fail_closed_going_stale_is_noticed_at_a_retry() -> None:
+    async def main() -> None:
+        app = web.Application()
+        consul = ScriptedConsul()
+        settings = Settings(ttl=0.2, failure_mode="closed", retry_max=0.05)
+        watcher = ConsulWatcher(settings, client=consul)  # type: ignore[arg-type]
+        _WATCHERS[app] = watcher
+        recorder = Recorder()
+        ssc.on_change(app, recorder)
+        watcher.start()
+        consul.answer(3)
+        await until(lambda: recorder.statuses() == [("ok", None)])  # from starting
+        for _ in range(200):
+            consul.fail(ssc.ConsulError("cannot reach http://127.0.0.1:8500"))
+        await until(lambda: len(recorder.calls) == 2)  # one ttl later
+        assert recorder.calls[1] == (
+            OK,
+            st.Answer(st.MAINTENANCE, "consul", "cannot reach http://127.0.0.1:8500"),
+        )
+        await ssc.stop(app)
+
+    run_clean(main)
