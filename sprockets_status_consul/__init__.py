@@ -6,6 +6,8 @@
 that a request never waits on Consul.
 """
 
+from .changes import on_change, status_changed
+from .checks import add_check
 from .drain import drain, serve_until_signalled
 from .handler import (
     ConsulStatusHandler,
@@ -14,8 +16,16 @@ from .handler import (
     set_application,
 )
 from .settings import FAIL_CLOSED, FAIL_OPEN, Settings, SettingsError
-from .status import DRAINING, MAINTENANCE, OK, UNKNOWN, ConsulStatus
-from .transport import ConsulError
+from .status import (
+    DRAINING,
+    MAINTENANCE,
+    OK,
+    UNKNOWN,
+    Answer,
+    CheckResult,
+    ConsulStatus,
+)
+from .transport import ConsulError, ConsulTimeout
 from .watcher import ConsulWatcher, current, stop, watch
 
 __all__ = [
@@ -25,18 +35,24 @@ __all__ = [
     "MAINTENANCE",
     "OK",
     "UNKNOWN",
+    "Answer",
+    "CheckResult",
     "ConsulError",
     "ConsulStatus",
     "ConsulStatusHandler",
+    "ConsulTimeout",
     "ConsulWatcher",
     "LivenessHandler",
     "Settings",
     "SettingsError",
     "StatusHandler",
+    "add_check",
     "current",
     "drain",
+    "on_change",
     "serve_until_signalled",
     "set_application",
+    "status_changed",
     "stop",
     "watch",
 ]

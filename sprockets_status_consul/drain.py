@@ -19,6 +19,7 @@ from collections.abc import Iterable
 
 from tornado import httpserver, web
 
+from .changes import status_changed
 from .status import DRAINING
 from .watcher import deregister, stop
 
@@ -42,6 +43,7 @@ async def drain(
     """
     await deregister(application)
     application.status = DRAINING  # type: ignore[attr-defined]
+    status_changed(application)
     LOGGER.info("draining: /status answers 503 for %.1f s before stopping", grace)
     if cut_short is None:
         cut_short = asyncio.Event()

@@ -17,7 +17,9 @@ from typing import Any
 
 from tornado import escape, web
 
+from . import checks as checks_module
 from . import health
+from . import status as st
 from .settings import SettingsError
 from .status import CONNECTED, DRAINING, MAINTENANCE, OK, ConsulStatus
 from .watcher import ConsulWatcher, current
@@ -220,20 +222,29 @@ class ConsulStatusHandler(StatusHandler):
         await watcher.wait_ready(watcher.settings.startup_wait)
         self.consul_status = watcher.status()
 
+    # The application's checks, and the answer they make with the rest ----
+
+    @functools.cached_property
+    def check_results(self) -> tuple[st.CheckResult, ...]:
+        """What the application's checks said when the request came in."""
+        return checks_module.results(self.application)
+
+    @functools.cached_property
+    def answer(self) -> st.Answer:
+        """What this request answers, in the order of :func:`~.status.answer`."""
+        return st.answer(self.own_status, self.consul_status, self.check_results)
+
     def _application_status(self) -> str:
-        if self.own_status != OK:
-            return self.own_status
-        return self.consul_status.status
+        return self.answer.status
 
     def _status_response(self) -> dict[str, Any]:
         body = super()._status_response()
         consul = self.consul_status
         body["consul"] = consul.consul
-        if self.own_status != OK:
-            body["source"] = "application"
-        elif consul.status != OK:
-            body["source"] = consul.source
-            body["reason"] = consul.reason
+        if self.answer.source is not None:
+            body["source"] = self.answer.source
+        if self.answer.reason is not None:
+            body["reason"] = self.answer.reason
         if consul.age is not None:
             body["consul_age"] = consul.age
         return body
@@ -253,4 +264,6 @@ class ConsulStatusHandler(StatusHandler):
                 source.subject,
                 source.reason if source.maintenance else source.error,
             )
+        for result in self.check_results:
+            checks[f"{result.name}:status"] = health.check_result(result)
         return checks

@@ -8,7 +8,10 @@ the status. Plain requests keep the original JSON.
 
 from __future__ import annotations
 
+import datetime
 from typing import Any
+
+from .status import CheckResult
 
 MEDIA_TYPE = "application/health+json"
 
@@ -58,3 +61,25 @@ def worst(*statuses: str) -> str:
         if status in statuses:
             return status
     return PASS
+
+
+def check_result(result: CheckResult) -> list[dict[str, Any]]:
+    """The entry of one of the application's checks: ``observedValue`` is how
+    long its last run took, ``time`` when it ended, ``output`` the last
+    failure's reason. A failing non-critical check is ``warn``."""
+    status = PASS
+    if result.failing:
+        status = FAIL if result.critical else WARN
+    entry: dict[str, Any] = {"status": status, "componentType": "component"}
+    if result.duration is not None:
+        entry["observedValue"] = round(result.duration * 1000, 3)
+        entry["observedUnit"] = "ms"
+    if result.time is not None:
+        entry["time"] = (
+            datetime.datetime.fromtimestamp(result.time, datetime.timezone.utc)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z")
+        )
+    if result.message:
+        entry["output"] = result.message
+    return [entry]

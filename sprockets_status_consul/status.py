@@ -85,3 +85,67 @@ class ConsulStatus:
     source: str | None = None
     age: float | None = None
     sources: tuple[SourceStatus, ...] = ()
+
+
+# What /status answers, from all of its sources ---------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckResult:
+    """What one of the application's own checks says (see :mod:`.checks`).
+
+    ``failing`` is what counts: true once ``fail_after`` runs in a row have
+    failed, or before the first result for a check that fails closed.
+    ``message`` is the last failure's reason (also while it does not count
+    yet), ``time`` when the last run ended (``time.time()``) and ``duration``
+    how many seconds it took; the last three are ``None`` before a result.
+    """
+
+    name: str
+    critical: bool
+    failing: bool
+    message: str | None = None
+    time: float | None = None
+    duration: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """What ``/status`` answers: the status, what says so, and why."""
+
+    status: str
+    source: str | None = None
+    reason: str | None = None
+
+
+ANSWER_OK = Answer(OK)
+
+
+def answer(
+    own_status: str,
+    consul: ConsulStatus | None,
+    checks: tuple[CheckResult, ...] = (),
+) -> Answer:
+    """Compose what ``/status`` answers from everything that has a say.
+
+    The first source that is not ok decides, in this order:
+
+    1. the application's own status (``application.status``), source
+       ``application``;
+    2. Consul, as the watcher reports it: the node's maintenance, then the
+       service's, then the key (sources ``node``, ``service``, ``key``), or
+       ``consul`` when the failure policy is closed and Consul is away;
+    3. the application's critical checks, in the order they were added:
+       ``maintenance`` with source ``check`` and reason ``"NAME: message"``.
+
+    Non-critical checks never change the answer (health+json shows them as
+    ``warn``). Pure: reads its arguments only.
+    """
+    if own_status != OK:
+        return Answer(own_status, "application")
+    if consul is not None and consul.status != OK:
+        return Answer(consul.status, consul.source, consul.reason)
+    for check in checks:
+        if check.failing and check.critical:
+            return Answer(MAINTENANCE, "check", f"{check.name}: {check.message}")
+    return ANSWER_OK

@@ -75,6 +75,10 @@ class ConsulError(Exception):
     """
 
 
+class ConsulTimeout(ConsulError):
+    """Consul did not answer (or let us connect) within the timeout."""
+
+
 def _seconds(duration: str) -> float:
     """Seconds in a ``wait`` parameter as this module writes it (``"1500ms"``)."""
     return int(duration[:-2]) / 1000.0
@@ -487,7 +491,7 @@ class _HTTPClient(consul.base.HTTPClient):  # type: ignore[misc]
                 "check ca_file (CONSUL_CACERT) and the client certificate"
             ) from None
         except TimeoutError as error:
-            raise ConsulError(
+            raise ConsulTimeout(
                 f"no answer from {self.base_uri}{path}: {error or 'Timeout'}"
             ) from None
         except (_Closed, httputil.HTTPInputError) as error:

@@ -44,10 +44,11 @@ from typing import Any
 
 from tornado import web
 
+from . import checks
 from . import status as st
 from .registration import Registrar
 from .settings import FAIL_CLOSED, SETTING, Settings, SettingsError, resolve
-from .transport import Check, ConsulClient, ConsulError
+from .transport import Check, ConsulClient, ConsulError, ConsulTimeout
 
 LOGGER = logging.getLogger(__name__)
 
@@ -83,6 +84,9 @@ blocking queries within the same few milliseconds; Consul adds up to
 ``wait``/16 of its own, and this spreads them further, whatever the agent.
 An idle backend sends Consul about one request per 0.95 TTL on average.
 """
+
+OBSERVERS: list[Callable[[ConsulWatcher], None]] = []
+"""Called on the loop after each answer or error of a watcher (see :mod:`.changes`)."""
 
 
 class Source:
@@ -281,6 +285,8 @@ class ConsulWatcher:
         self.ready = False
         """Whether every source has answered or failed at least once, or the
         watcher is stopped: nothing more is worth waiting for."""
+        self.queries = {"ok": 0, "error": 0, "timeout": 0}
+        """How many queries to Consul ended in each outcome (see :mod:`.metrics`)."""
 
     @classmethod
     def answering(cls, status: st.ConsulStatus) -> ConsulWatcher:
@@ -447,9 +453,12 @@ class ConsulWatcher:
                     )
                 except Exception as error:  # a bug here must not stop the loop
                     failures += 1
+                    timeout = isinstance(error, ConsulTimeout)
+                    self.queries["timeout" if timeout else "error"] += 1
                     self._failed(followed, error)
                     index, delay = 0, _backoff(failures, settings.retry_max)
                 else:
+                    self.queries["ok"] += 1
                     failures = 0
                     self._answered(followed, verdict)
                     index, delay = self._next(index, new_index)
@@ -532,6 +541,8 @@ class ConsulWatcher:
             )
         if self.ready:
             self._ready.set()
+        for observer in OBSERVERS:  # what /status answers may have changed
+            observer(self)
 
     def _compute(self, now: float) -> st.ConsulStatus:
         settings = self.settings
@@ -766,6 +777,7 @@ async def stop(application: web.Application) -> None:
     watcher = _WATCHERS.get(application)
     if watcher is not None:
         await watcher.stop()
+    await checks.stop(application)
 
 
 @contextlib.contextmanager
