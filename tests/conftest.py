@@ -6,7 +6,7 @@ Where the agent comes from (fixture ``consul_agent``, one per session):
    set). Careful: the tests put its node in and out of maintenance mode.
 2. Otherwise ``consul agent -dev`` on loopback with free ports, using
    ``$CONSUL_BINARY``, ``consul`` on ``$PATH``, the cache, or Consul 1.8.7
-   downloaded into the cache (see ``tests/consul_agent.py``; ``SSC_NO_FETCH=1``
+   downloaded into the cache by ``scripts/get-consul`` (``SSC_NO_FETCH=1``
    turns the download off).
 
 If no agent can be had the tests that need one are skipped, but when ``$CI``

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import selectors
-import socket
 import subprocess
 import sys
 import textwrap
@@ -79,13 +78,6 @@ def flaky_forever() -> bool:
 
 def _raise_value_error() -> bool:
     raise ValueError("boom")
-
-
-def test_free_port_can_be_bound_for_tcp_and_udp() -> None:
-    port = free_port("127.0.0.1", also_udp=True)
-    with socket.socket() as tcp, socket.socket(type=socket.SOCK_DGRAM) as udp:
-        tcp.bind(("127.0.0.1", port))
-        udp.bind(("127.0.0.1", port))
 
 
 def test_unreachable_external_agent_is_not_ready() -> None:
@@ -264,16 +256,18 @@ def test_kill_refuses_connections_and_start_comes_back_on_the_same_port(
 
 def test_stop_removes_everything(make_dev_agent: MakeAgent) -> None:
     agent = make_dev_agent()
-    pid, tmpdir = agent.pid, agent.tmpdir
+    pid, log_path = agent.pid, agent.log_path
     assert pid is not None
-    assert tmpdir is not None
+    assert log_path is not None
+    tmpdir = log_path.parent
     assert tmpdir.is_dir()
     agent.stop()
     assert not agent.running
     assert not tmpdir.exists()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
-    assert "agent: Exit code" in agent.last_log  # the log tail is kept
+    assert agent.log_path is None
+    assert "agent: Exit code" in agent.log_tail()  # the log tail is kept
     agent.stop()  # twice is fine
 
 
@@ -328,7 +322,7 @@ def test_bad_config_fails_fast_with_the_log(consul_binary: str) -> None:
     assert time.monotonic() - start < 10
     assert "exited" in str(info.value)
     assert not agent.running
-    assert agent.tmpdir is None
+    assert agent.log_path is None
 
 
 # --------------------------------------------------------------------------
