@@ -25,10 +25,12 @@ import os
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
 
+import sprockets_status_consul
 from tests.consul_agent import (
     AgentBase,
     ConsulUnavailable,
@@ -231,6 +233,29 @@ def pytest_configure(config: pytest.Config) -> None:
             "markers",
             "integration: needs a real Consul agent (the consul_agent fixture)",
         )
+    _check_package_location()
+
+
+# --------------------------------------------------------------------------
+# which sprockets_status_consul is under test
+
+PACKAGE_DIR = Path(sprockets_status_consul.__file__).resolve().parent
+
+
+def _check_package_location() -> None:
+    """With ``$SSC_EXPECT_PACKAGE_IN`` set (to e.g. a virtualenv's
+    site-packages), refuse to run unless the package comes from there: a
+    test of the installed wheel must not test the checkout instead."""
+    expected = os.environ.get("SSC_EXPECT_PACKAGE_IN")
+    if expected and not PACKAGE_DIR.is_relative_to(Path(expected).resolve()):
+        raise pytest.UsageError(
+            f"sprockets_status_consul is imported from {PACKAGE_DIR}, "
+            f"not from under SSC_EXPECT_PACKAGE_IN={expected}"
+        )
+
+
+def pytest_report_header() -> str:
+    return f"sprockets_status_consul: {PACKAGE_DIR}"
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by marker

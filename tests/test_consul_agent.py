@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+import sprockets_status_consul
 from tests.consul_agent import (
     AgentBase,
     ConsulCommandError,
@@ -447,6 +448,21 @@ def test_without_consul_ci_fails(tmp_path: Path) -> None:
     assert proc.returncode == 1, out
     assert _summary(out).endswith(": 0 passed, 0 skipped, 1 failed"), out
     assert "failing instead of skipping" in out
+
+
+def test_the_package_must_come_from_where_it_is_expected(tmp_path: Path) -> None:
+    elsewhere = _run_probe(
+        tmp_path, {"SSC_EXPECT_PACKAGE_IN": str(tmp_path)}, "-m", "not integration"
+    )
+    assert elsewhere.returncode == pytest.ExitCode.USAGE_ERROR, elsewhere.stdout
+    assert "not from under SSC_EXPECT_PACKAGE_IN" in elsewhere.stderr
+
+    here = Path(sprockets_status_consul.__file__).resolve().parent.parent
+    found = _run_probe(
+        tmp_path, {"SSC_EXPECT_PACKAGE_IN": str(here)}, "-m", "not integration"
+    )
+    assert found.returncode == 0, found.stdout + found.stderr
+    assert f"sprockets_status_consul: {here}" in found.stdout
 
 
 def test_ci_passes_with_a_real_agent(tmp_path: Path, consul_binary: str) -> None:
