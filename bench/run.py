@@ -324,7 +324,7 @@ async def start_backends(
         *(_first_line(p, log, f"backend {kind}") for p, log in started)
     )
     backends = []
-    for (process, _), line in zip(started, lines):
+    for (process, _), line in zip(started, lines, strict=True):
         word, port, pid = line.split()
         if word != "ready":
             raise RuntimeError(f"backend {kind} said {line!r}")
@@ -1324,7 +1324,7 @@ def plot(results: Results, path: Path | None) -> str:
     if "plain" in by_kind:
         plain = by_kind["plain"]
         bars = ax.bar([SHORT[k] for k in by_kind], list(by_kind.values()))
-        for bar, value in zip(bars, by_kind.values()):
+        for bar, value in zip(bars, by_kind.values(), strict=True):
             ax.annotate(
                 f"{value:,.0f}\n({value / plain:.2f})",
                 (bar.get_x() + bar.get_width() / 2, value),

@@ -8,6 +8,7 @@ is covered by the integration tests against a real agent.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -169,7 +170,7 @@ def test_an_unchanged_early_answer_is_not_asked_again_at_once() -> None:
         await until(lambda: len(consul.calls) == 4)
 
     consul = run(test)
-    gaps = [b[3] - a[3] for a, b in zip(consul.calls[1:], consul.calls[2:])]
+    gaps = [b[3] - a[3] for a, b in itertools.pairwise(consul.calls[1:])]
     assert min(gaps) >= watcher_module.MIN_INTERVAL * 0.9
 
 
@@ -259,7 +260,7 @@ def test_ttl_polling_without_blocking_queries() -> None:
 
     consul = run(test, blocking=False, ttl=0.05)
     assert all((c[1], c[2]) == (0, None) for c in consul.calls)
-    gaps = [b[3] - a[3] for a, b in zip(consul.calls, consul.calls[1:])]
+    gaps = [b[3] - a[3] for a, b in itertools.pairwise(consul.calls)]
     assert min(gaps) >= 0.045
 
 
