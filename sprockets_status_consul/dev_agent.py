@@ -41,12 +41,14 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = ["ConsulAgentError", "ConsulDevAgent", "find_consul_binary"]
 
 PORT_NAMES = ("http", "serf_lan", "serf_wan", "server", "grpc")
 """Ports a dev agent gets (``dns`` is turned off)."""
+
+_Agent = TypeVar("_Agent", bound="ConsulDevAgent")
 
 
 class ConsulAgentError(RuntimeError):
@@ -162,7 +164,7 @@ class ConsulDevAgent:
 
     # -- lifecycle
 
-    def start(self) -> ConsulDevAgent:
+    def start(self: _Agent) -> _Agent:
         """Start the agent (on the ports of the last run, if there was one)
         and wait until it is ready; :class:`ConsulAgentError` if it is not."""
         if self.running:
@@ -213,7 +215,7 @@ class ConsulDevAgent:
             raise RuntimeError("the agent has not been started")
         return self._proc.wait(timeout=timeout)
 
-    def __enter__(self) -> ConsulDevAgent:
+    def __enter__(self: _Agent) -> _Agent:
         return self if self.running else self.start()
 
     def __exit__(

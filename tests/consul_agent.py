@@ -429,8 +429,7 @@ class DevAgent(ConsulDevAgent, AgentBase):
         """Stop, then start again on the same ports with an empty data dir
         (so all catalog state and Raft indexes start over)."""
         self.stop()
-        self.start()
-        return self
+        return self.start()
 
 
 # --------------------------------------------------------------------------
