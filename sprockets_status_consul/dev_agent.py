@@ -38,7 +38,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -76,9 +76,11 @@ class ConsulDevAgent:
     :class:`ConsulAgentError` if there is none). ``host``: the loopback
     address to bind. ``node_name``: default ``ssc-<random>``.
     ``extra_config``: more agent configuration, a mapping (written as JSON)
-    or a string (HCL), e.g. to turn ACLs on. ``ports``: fixed ports instead of
-    free ones, by the names of Consul's ``ports`` block. ``token``: the ACL
-    token the readiness checks and :meth:`set_maintenance` send.
+    or a string (HCL), e.g. to turn ACLs on. ``extra_args``: more command
+    line arguments, e.g. ``-retry-join`` to join another agent. ``ports``:
+    fixed ports instead of free ones, by the names of Consul's ``ports``
+    block. ``token``: the ACL token the readiness checks and
+    :meth:`set_maintenance` send.
     ``die_with_parent``: on Linux, the agent gets SIGTERM when the thread that
     started it ends, so a killed test run leaves no agent behind (pass
     ``False`` when starting agents from short-lived threads).
@@ -95,6 +97,7 @@ class ConsulDevAgent:
         host: str = "127.0.0.1",
         node_name: str | None = None,
         extra_config: str | Mapping[str, Any] | None = None,
+        extra_args: Sequence[str] = (),
         ports: Mapping[str, int] | None = None,
         token: str | None = None,
         startup_timeout: float = 15.0,
@@ -109,6 +112,7 @@ class ConsulDevAgent:
         self.host = host
         self.node_name = node_name or f"ssc-{secrets.token_hex(4)}"
         self.extra_config = extra_config
+        self.extra_args = list(extra_args)
         self.token = token
         self.startup_timeout = startup_timeout
         self.die_with_parent = die_with_parent and _PRCTL is not None
@@ -280,6 +284,7 @@ class ConsulDevAgent:
                 extra, text = tmp / "extra.json", json.dumps(self.extra_config)
             extra.write_text(text)
             args += ["-config-file", str(extra)]
+        args += self.extra_args
         env = {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_")}
         with (tmp / "consul.log").open("wb") as log:
             self._proc = subprocess.Popen(
