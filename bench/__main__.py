@@ -143,7 +143,7 @@ def plot(run: Run, results: dict[str, Any], path: Path | None) -> str:
     if plt is None:
         return common.NO_MATPLOTLIB
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
-    for ax, name in zip([*axes[0], *axes[1]], SINGLE_HOST):
+    for ax, name in zip([*axes[0], *axes[1]], SINGLE_HOST, strict=True):
         BENCHMARKS[name].plot(ax, results.get(name))
     fig.suptitle(
         f"sprockets-status-consul /status benchmark, {run.date}, "

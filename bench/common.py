@@ -269,7 +269,7 @@ async def start_backends(
         *(first_line(p, log, f"backend {kind}", timeout) for p, log in started)
     )
     backends = []
-    for (process, _), line in zip(started, lines):
+    for (process, _), line in zip(started, lines, strict=True):
         word, port, pid = line.split()
         if word != "ready":
             raise RuntimeError(f"backend {kind} said {line!r}")

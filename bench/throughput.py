@@ -249,7 +249,7 @@ def plot(ax: Any, result: Result | None) -> None:
         return
     plain = by_kind["plain"]
     bars = ax.bar([SHORT[k] for k in by_kind], list(by_kind.values()))
-    for bar, value in zip(bars, by_kind.values()):
+    for bar, value in zip(bars, by_kind.values(), strict=True):
         ax.annotate(
             f"{value:,.0f}\n({value / plain:.2f})",
             (bar.get_x() + bar.get_width() / 2, value),

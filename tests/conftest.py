@@ -6,7 +6,7 @@ Where the agent comes from (fixture ``consul_agent``, one per session):
    set). Careful: the tests put its node in and out of maintenance mode.
 2. Otherwise ``consul agent -dev`` on loopback with free ports, using
    ``$CONSUL_BINARY``, ``consul`` on ``$PATH``, the cache, or Consul 1.8.7
-   downloaded into the cache (see ``tests/consul_agent.py``; ``SSC_NO_FETCH=1``
+   downloaded into the cache by ``scripts/get-consul`` (``SSC_NO_FETCH=1``
    turns the download off).
 
 If no agent can be had the tests that need one are skipped, but when ``$CI``
@@ -32,10 +32,12 @@ import os
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
 
+import sprockets_status_consul
 from tests.consul_agent import (
     AgentBase,
     ConsulUnavailable,
@@ -270,6 +272,29 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line(
             "markers", "docker: needs a Docker engine (the docker_engine fixture)"
         )
+    _check_package_location()
+
+
+# --------------------------------------------------------------------------
+# which sprockets_status_consul is under test
+
+PACKAGE_DIR = Path(sprockets_status_consul.__file__).resolve().parent
+
+
+def _check_package_location() -> None:
+    """With ``$SSC_EXPECT_PACKAGE_IN`` set (to e.g. a virtualenv's
+    site-packages), refuse to run unless the package comes from there: a
+    test of the installed wheel must not test the checkout instead."""
+    expected = os.environ.get("SSC_EXPECT_PACKAGE_IN")
+    if expected and not PACKAGE_DIR.is_relative_to(Path(expected).resolve()):
+        raise pytest.UsageError(
+            f"sprockets_status_consul is imported from {PACKAGE_DIR}, "
+            f"not from under SSC_EXPECT_PACKAGE_IN={expected}"
+        )
+
+
+def pytest_report_header() -> str:
+    return f"sprockets_status_consul: {PACKAGE_DIR}"
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by marker

@@ -13,6 +13,7 @@ import collections
 import contextlib
 import dataclasses
 import http.client
+import itertools
 import json
 import math
 import os
@@ -421,7 +422,7 @@ def status_clients(ports: Iterable[int]) -> Iterator[list[StatusClient]]:
 
 def assert_one_warning_per_change(warnings: Sequence[str], where: str) -> None:
     """No warning repeats the one before it: one line per change of state."""
-    for before, after in zip(warnings, warnings[1:]):
+    for before, after in itertools.pairwise(warnings):
         assert before != after, f"{where}: the same warning twice: {warnings}"
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import json
 import logging
 import threading
@@ -89,7 +90,7 @@ def test_runs_at_start_then_every_interval() -> None:
         return runs
 
     runs = run_clean(main)
-    gaps = [later - earlier for earlier, later in zip(runs, runs[1:])]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(runs)]
     assert all(gap >= 0.09 for gap in gaps), gaps
     assert sorted(gaps)[len(gaps) // 2] < 0.2, gaps
 

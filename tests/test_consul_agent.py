@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import selectors
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+import sprockets_status_consul
 from tests.consul_agent import (
     AgentBase,
     ConsulCommandError,
@@ -79,13 +79,6 @@ def flaky_forever() -> bool:
 
 def _raise_value_error() -> bool:
     raise ValueError("boom")
-
-
-def test_free_port_can_be_bound_for_tcp_and_udp() -> None:
-    port = free_port("127.0.0.1", also_udp=True)
-    with socket.socket() as tcp, socket.socket(type=socket.SOCK_DGRAM) as udp:
-        tcp.bind(("127.0.0.1", port))
-        udp.bind(("127.0.0.1", port))
 
 
 def test_unreachable_external_agent_is_not_ready() -> None:
@@ -264,16 +257,18 @@ def test_kill_refuses_connections_and_start_comes_back_on_the_same_port(
 
 def test_stop_removes_everything(make_dev_agent: MakeAgent) -> None:
     agent = make_dev_agent()
-    pid, tmpdir = agent.pid, agent.tmpdir
+    pid, log_path = agent.pid, agent.log_path
     assert pid is not None
-    assert tmpdir is not None
+    assert log_path is not None
+    tmpdir = log_path.parent
     assert tmpdir.is_dir()
     agent.stop()
     assert not agent.running
     assert not tmpdir.exists()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
-    assert "agent: Exit code" in agent.last_log  # the log tail is kept
+    assert agent.log_path is None
+    assert "agent: Exit code" in agent.log_tail()  # the log tail is kept
     agent.stop()  # twice is fine
 
 
@@ -328,7 +323,7 @@ def test_bad_config_fails_fast_with_the_log(consul_binary: str) -> None:
     assert time.monotonic() - start < 10
     assert "exited" in str(info.value)
     assert not agent.running
-    assert agent.tmpdir is None
+    assert agent.log_path is None
 
 
 # --------------------------------------------------------------------------
@@ -453,6 +448,21 @@ def test_without_consul_ci_fails(tmp_path: Path) -> None:
     assert proc.returncode == 1, out
     assert _summary(out).endswith(": 0 passed, 0 skipped, 1 failed"), out
     assert "failing instead of skipping" in out
+
+
+def test_the_package_must_come_from_where_it_is_expected(tmp_path: Path) -> None:
+    elsewhere = _run_probe(
+        tmp_path, {"SSC_EXPECT_PACKAGE_IN": str(tmp_path)}, "-m", "not integration"
+    )
+    assert elsewhere.returncode == pytest.ExitCode.USAGE_ERROR, elsewhere.stdout
+    assert "not from under SSC_EXPECT_PACKAGE_IN" in elsewhere.stderr
+
+    here = Path(sprockets_status_consul.__file__).resolve().parent.parent
+    found = _run_probe(
+        tmp_path, {"SSC_EXPECT_PACKAGE_IN": str(here)}, "-m", "not integration"
+    )
+    assert found.returncode == 0, found.stdout + found.stderr
+    assert f"sprockets_status_consul: {here}" in found.stdout
 
 
 def test_ci_passes_with_a_real_agent(tmp_path: Path, consul_binary: str) -> None:

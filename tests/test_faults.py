@@ -123,7 +123,7 @@ def check_logs(
     naming ``expected``, none repeated back to back, no traceback, and
     "answers again" once Consul was back."""
     logs = Logs([], [])
-    for backend, mark in zip(members, marks):
+    for backend, mark in zip(members, marks, strict=True):
         text = backend.log_since(mark)
         warnings = backend.warnings(mark)
         name = f"{where}, backend {backend.port}"
@@ -360,7 +360,7 @@ def test_index_going_backwards_without_an_error(
         # there arrives at once, not after a blocking wait.
         set_maintenance(new, False)
         follow = wait_all(clients, answers(200, "connected"), 1.0, "maintenance off")
-        for backend, mark in zip(members, marks):
+        for backend, mark in zip(members, marks, strict=True):
             assert backend.warnings(mark) == [], backend.warnings(mark)
 
     measured(

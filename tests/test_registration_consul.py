@@ -114,7 +114,7 @@ def registered(
         agent.http_addr, settings, env=token_env(agent), grace=grace
     ) as started:
         pairs = []
-        for backend, config in zip(started, settings):
+        for backend, config in zip(started, settings, strict=True):
             name = config["register"]["name"]
             service_id = id_on_port(agent, name, backend.port)
             timed(

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import contextvars
 import gc
+import itertools
 import logging
 import os
 import pathlib
@@ -189,7 +190,7 @@ def test_blocking_queries_of_a_source_are_never_closer_than_the_interval(
     consul = run(test)
     # From the first blocking query on (the first, not blocking, is let go).
     starts = [c[3] for c in consul.calls[1:]]
-    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert min(gaps) >= watcher_module.MIN_QUERY_INTERVAL
     assert max(gaps) < 1.0
 
@@ -310,7 +311,7 @@ def test_ttl_polling_without_blocking_queries() -> None:
 
     consul = run(test, blocking=False, ttl=0.05)
     assert all((c[1], c[2]) == (0, None) for c in consul.calls)
-    gaps = [b[3] - a[3] for a, b in zip(consul.calls, consul.calls[1:])]
+    gaps = [b[3] - a[3] for a, b in itertools.pairwise(consul.calls)]
     assert min(gaps) >= 0.045
 
 
