@@ -11,6 +11,8 @@ from .handler import (
     ConsulStatusHandler,
     LivenessHandler,
     StatusHandler,
+    application_identity,
+    log_request,
     set_application,
 )
 from .settings import FAIL_CLOSED, FAIL_OPEN, Settings, SettingsError
@@ -33,7 +35,9 @@ __all__ = [
     "Settings",
     "SettingsError",
     "StatusHandler",
+    "application_identity",
     "drain",
+    "log_request",
     "serve_until_signalled",
     "set_application",
     "stop",
