@@ -6,7 +6,7 @@
 that a request never waits on Consul.
 """
 
-from .drain import drain, serve_until_signalled
+from .drain import drain, requests_in_flight, serve_until_signalled, track_requests
 from .handler import (
     ConsulStatusHandler,
     LivenessHandler,
@@ -38,8 +38,10 @@ __all__ = [
     "application_identity",
     "drain",
     "log_request",
+    "requests_in_flight",
     "serve_until_signalled",
     "set_application",
     "stop",
+    "track_requests",
     "watch",
 ]
