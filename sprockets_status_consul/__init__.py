@@ -8,11 +8,13 @@ that a request never waits on Consul.
 
 from .changes import on_change, status_changed
 from .checks import add_check
-from .drain import drain, serve_until_signalled
+from .drain import drain, requests_in_flight, serve_until_signalled, track_requests
 from .handler import (
     ConsulStatusHandler,
     LivenessHandler,
     StatusHandler,
+    application_identity,
+    log_request,
     set_application,
 )
 from .settings import FAIL_CLOSED, FAIL_OPEN, Settings, SettingsError
@@ -47,12 +49,16 @@ __all__ = [
     "SettingsError",
     "StatusHandler",
     "add_check",
+    "application_identity",
     "current",
     "drain",
+    "log_request",
     "on_change",
+    "requests_in_flight",
     "serve_until_signalled",
     "set_application",
     "status_changed",
     "stop",
+    "track_requests",
     "watch",
 ]

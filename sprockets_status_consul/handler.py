@@ -8,6 +8,7 @@ so a request never waits on Consul once its first answer is in.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import importlib.metadata
 import json
@@ -15,13 +16,14 @@ import logging
 from collections.abc import Awaitable
 from typing import Any
 
-from tornado import escape, web
+from tornado import web
+from tornado.log import access_log
 
 from . import checks as checks_module
 from . import health
 from . import status as st
 from .settings import SettingsError
-from .status import CONNECTED, DRAINING, MAINTENANCE, OK, ConsulStatus
+from .status import CONNECTED, DRAINING, MAINTENANCE, OK, UNKNOWN, ConsulStatus
 from .watcher import ConsulWatcher, current
 
 LOGGER = logging.getLogger(__name__)
@@ -30,14 +32,60 @@ _application_name: str | None = None
 _logged_errors: set[str] = set()
 
 
-def set_application(name: str) -> None:
-    """Set the application name reported by every status handler.
+UNAVAILABLE = "unavailable"
+"""The ``consul`` field when the application has no watcher to ask: its
+``consul_status`` setting is bad, or the watcher could not be had."""
 
-    The reported ``version`` is the version of the installed distribution of
-    that name.
+
+def set_application(name: str) -> None:
+    """Set the application name reported by status handlers of every application.
+
+    An application's own ``service`` and ``version`` settings (the
+    ``sprockets.http`` convention) win over it. The reported ``version`` is
+    the ``version`` setting, else the version of the installed distribution
+    of that name.
     """
     global _application_name
     _application_name = name
+
+
+def application_identity(application: web.Application) -> tuple[str, str]:
+    """The name and version a status handler reports for ``application``.
+
+    The ``service`` and ``version`` application settings come first, so two
+    applications in one process can differ; then :func:`set_application`
+    and the installed distribution's version; else ``"unknown"``.
+    """
+    settings = application.settings
+    name = settings.get("service") or _application_name
+    version = settings.get("version") or _version(name)
+    return str(name or "unknown"), str(version)
+
+
+def log_request(handler: web.RequestHandler) -> None:
+    """Tornado's access log line, with the status handlers' 503s at INFO.
+
+    Tornado logs every 5xx at ERROR, so a load balancer polling a backend in
+    maintenance or draining fills the log with errors. Pass it as the
+    ``log_function`` application setting; the line is Tornado's own
+    (``503 GET /status (10.0.0.1) 0.42ms``).
+    """
+    status = handler.get_status()
+    if status < 400 or (status == 503 and isinstance(handler, StatusHandler)):
+        log = access_log.info
+    elif status < 500:
+        log = access_log.warning
+    else:
+        log = access_log.error
+    request = handler.request
+    log(
+        "%d %s %s (%s) %.2fms",
+        status,
+        request.method,
+        request.uri,
+        request.remote_ip,
+        1000.0 * request.request_time(),
+    )
 
 
 @functools.lru_cache(maxsize=16)
@@ -50,32 +98,11 @@ def _version(name: str | None) -> str:
         return "unknown"
 
 
-_ENCODED: dict[tuple[tuple[str, Any], ...], bytes] = {}
-
-
-def _encoded(body: dict[str, Any]) -> bytes:
-    """``body`` as JSON bytes, as ``RequestHandler.write`` would encode it.
-
-    Status answers repeat: while nothing changes every request has the same
-    body, so the encoding is remembered (for a few hundred distinct bodies;
-    bodies with values that cannot be hashed are encoded every time).
-    """
-    try:
-        key = tuple(body.items())
-        return _ENCODED[key]
-    except KeyError:
-        pass
-    except TypeError:
-        return escape.utf8(escape.json_encode(body))
-    if len(_ENCODED) >= 256:
-        _ENCODED.clear()
-    encoded = _ENCODED[key] = escape.utf8(escape.json_encode(body))
-    return encoded
-
-
 def _application_check(status: str) -> list[dict[str, Any]]:
     """The health+json check of the application's own status."""
-    return health.check(health.PASS if status == OK else health.FAIL, status)
+    return health.check(
+        health.PASS if status == OK else health.FAIL, status, time=health.timestamp()
+    )
 
 
 class StatusHandler(web.RequestHandler):
@@ -100,16 +127,22 @@ class StatusHandler(web.RequestHandler):
         """No ETag, so no 304: a status is never "not modified"."""
         return None
 
-    def get(self, *args: Any, **kwargs: Any) -> None:
+    def get(self, *args: Any, **kwargs: Any) -> Awaitable[None] | None:
         self.set_status(self._status_response_code())
         if health.wanted(self.request.headers.get("Accept", "")):
             self.set_header("Content-Type", health.MEDIA_TYPE)
             self.write(json.dumps(self._health_response()))
         else:
-            self.set_header("Content-Type", "application/json; charset=UTF-8")
-            self.write(_encoded(self._status_response()))
+            self.write(self._status_response())
+        return None
 
-    head = get
+    def head(self, *args: Any, **kwargs: Any) -> Awaitable[None] | None:
+        """What :meth:`get` answers, without the body (Tornado drops it).
+
+        Calls ``self.get`` when the request comes, so a subclass that
+        overrides ``get`` answers ``HEAD`` with its own code and headers.
+        """
+        return self.get(*args, **kwargs)
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """Errors (405 for other methods, say) answer JSON too."""
@@ -123,10 +156,11 @@ class StatusHandler(web.RequestHandler):
 
     def _status_response(self) -> dict[str, Any]:
         """The body of the answer."""
+        name, version = application_identity(self.application)
         return {
-            "application": _application_name or "unknown",
+            "application": name,
             "status": self._application_status(),
-            "version": _version(_application_name),
+            "version": version,
         }
 
     def _status_response_code(self) -> int:
@@ -181,7 +215,11 @@ class LivenessHandler(StatusHandler):
         return OK
 
     def _health_checks(self) -> dict[str, list[dict[str, Any]]]:
-        return {"process:alive": health.check(health.PASS, "alive")}
+        return {
+            "process:alive": health.check(
+                health.PASS, "alive", time=health.timestamp()
+            )
+        }
 
 
 class ConsulStatusHandler(StatusHandler):
@@ -191,36 +229,63 @@ class ConsulStatusHandler(StatusHandler):
     status comes from the application's :class:`~.watcher.ConsulWatcher`,
     configured by the ``consul_status`` application setting. The body adds
     ``consul`` (what the watcher knows of Consul: ``connected``,
-    ``starting``, ``unreachable`` or ``stale``) and, in maintenance,
-    ``source`` and ``reason``.
+    ``starting``, ``unreachable`` or ``stale``; ``unavailable`` when there is
+    no watcher to ask) and, in maintenance, ``source`` and ``reason``.
 
     Only the first requests of a process may wait, at most ``startup_wait``
-    seconds, for Consul's first answer; every other request reads memory.
+    seconds, for Consul's first answer: :meth:`prepare` then returns a future
+    to await, and ``None`` from then on. The status is read from memory
+    where it is used (:attr:`consul_status`, :attr:`own_status`), not set by
+    :meth:`prepare`, so a subclass or mixin whose ``prepare`` calls
+    ``super().prepare()`` without awaiting it still answers correctly; it
+    only forgoes that first wait.
+
+    The watcher is asked for once per request. When there is none to ask,
+    the answer is still a status body: a bad ``consul_status`` setting
+    answers 500 with status ``unknown``, ``source: "settings"`` and the
+    setting's error as ``reason``; any other failure to get the watcher
+    answers as Consul being unreachable with the failure policy open would
+    (the application's own status, ``consul: "unavailable"``), so a failure
+    of this library never takes a fleet out of rotation. Each kind of
+    failure is logged once, an unexpected one with its traceback.
     """
 
-    consul_status: ConsulStatus
-    """What the application's watcher said when the request came in."""
-
-    own_status: str
-    """What the application itself says (``application.status``)."""
-
     def prepare(self) -> Awaitable[None] | None:
-        self.own_status = super()._application_status()
-        try:
-            watcher = current(self.application)
-        except SettingsError as error:
-            if str(error) not in _logged_errors:
-                _logged_errors.add(str(error))
-                LOGGER.error("cannot follow Consul: %s", error)
-            raise web.HTTPError(500, reason="Bad consul_status setting") from None
-        if watcher.ready:
-            self.consul_status = watcher.status()
+        watcher = self._consul
+        if isinstance(watcher, ConsulStatus) or watcher.ready:
             return None
-        return self._wait_for_first_answer(watcher)
+        # A future rather than a coroutine: left unawaited, it does no harm.
+        return asyncio.ensure_future(_first_answer(watcher))
 
-    async def _wait_for_first_answer(self, watcher: ConsulWatcher) -> None:
-        await watcher.wait_ready(watcher.settings.startup_wait)
-        self.consul_status = watcher.status()
+    @functools.cached_property
+    def _consul(self) -> ConsulWatcher | ConsulStatus:
+        """The application's watcher, or what to report when there is none."""
+        try:
+            return current(self.application)
+        except SettingsError as error:
+            if _first_time(f"settings: {error}"):
+                LOGGER.error("cannot follow Consul: %s", error)
+            return ConsulStatus(UNKNOWN, UNAVAILABLE, str(error), "settings")
+        except Exception as error:
+            kind = type(error)
+            if _first_time(f"{kind.__module__}.{kind.__qualname__}"):
+                LOGGER.exception("cannot follow Consul: unexpected error")
+            return ConsulStatus(
+                OK, UNAVAILABLE, f"unexpected error: {kind.__name__}", None
+            )
+
+    @functools.cached_property
+    def consul_status(self) -> ConsulStatus:
+        """What the application's watcher says, read from memory at first use."""
+        watcher = self._consul
+        if isinstance(watcher, ConsulStatus):
+            return watcher
+        return watcher.status()
+
+    @functools.cached_property
+    def own_status(self) -> str:
+        """What the application itself says (``application.status``)."""
+        return super()._application_status()
 
     # The application's checks, and the answer they make with the rest ----
 
@@ -250,8 +315,16 @@ class ConsulStatusHandler(StatusHandler):
         return body
 
     def _health_checks(self) -> dict[str, list[dict[str, Any]]]:
+        consul = self.consul_status
         checks = {"application:status": _application_check(self.own_status)}
-        for source in self.consul_status.sources:
+        if consul.consul == UNAVAILABLE:
+            checks["consul:watcher"] = health.check(
+                health.FAIL if consul.status != OK else health.WARN,
+                UNAVAILABLE,
+                output=consul.reason,
+                time=health.timestamp(),
+            )
+        for source in consul.sources:
             if source.maintenance:
                 status = health.FAIL
             elif source.consul == CONNECTED:
@@ -263,7 +336,35 @@ class ConsulStatusHandler(StatusHandler):
                 MAINTENANCE if source.maintenance else OK,
                 source.subject,
                 source.reason if source.maintenance else source.error,
+                _heard_at(source.consul, consul.age),
             )
         for result in self.check_results:
             checks[f"{result.name}:status"] = health.check_result(result)
         return checks
+
+
+async def _first_answer(watcher: ConsulWatcher) -> None:
+    """Wait, at most ``startup_wait`` seconds, for the watcher's first answer."""
+    await watcher.wait_ready(watcher.settings.startup_wait)
+
+
+def _first_time(kind: str) -> bool:
+    """Whether a failure of this kind is new to the process (and remember it)."""
+    if kind in _logged_errors:
+        return False
+    _logged_errors.add(kind)
+    return True
+
+
+def _heard_at(state: str, age: float | None) -> str | None:
+    """When Consul last confirmed a source's answer, as health+json ``time``.
+
+    A connected source is current: its blocking query stands, and Consul
+    answers it as soon as anything changes. Otherwise the answer is ``age``
+    seconds old, or there never was one.
+    """
+    if state == CONNECTED:
+        return health.timestamp()
+    if age is None:
+        return None
+    return health.timestamp(age)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import datetime
+import gc
 import json
 import logging
+import warnings
+from collections.abc import Awaitable
 from typing import Any
 from unittest import mock
 
@@ -12,6 +16,7 @@ from tornado import httputil, testing, web
 
 import sprockets_status_consul as ssc
 from sprockets_status_consul import handler as handler_module
+from sprockets_status_consul import health as ssc_health
 from sprockets_status_consul import status as st
 from sprockets_status_consul.settings import Settings
 from sprockets_status_consul.watcher import _WATCHERS, ConsulWatcher
@@ -199,15 +204,65 @@ class BadSettingTests(testing.AsyncHTTPTestCase):
         with pytest.raises(ssc.SettingsError, match=r"consul_status\['ttl'\]"):
             ssc.watch(self._app)
 
-    def test_a_request_gets_a_json_500_and_one_log_line(self) -> None:
+    def test_a_request_gets_a_500_status_body_and_one_log_line(self) -> None:
         handler_module._logged_errors.clear()
         with self.assertLogs("sprockets_status_consul", logging.ERROR) as logs:
             for _ in range(3):
                 response = self.fetch("/status")
                 assert response.code == 500
-                assert json.loads(response.body)["code"] == 500
+                body = json.loads(response.body)
+                assert body["application"] == "tornado"
+                assert (body["status"], body["consul"]) == ("unknown", "unavailable")
+                assert body["source"] == "settings"
+                assert "consul_status['ttl']" in body["reason"]
         assert len(logs.records) == 1
         assert "consul_status['ttl']" in logs.records[0].getMessage()
+
+    def test_health_json_fails_with_the_reason(self) -> None:
+        response = self.fetch("/status", headers={"Accept": "application/health+json"})
+        assert response.code == 500
+        body = json.loads(response.body)
+        check = body["checks"]["consul:watcher"][0]
+        assert (body["status"], check["status"]) == ("fail", "fail")
+        assert "consul_status['ttl']" in check["output"]
+
+
+class WatcherFailureTests(testing.AsyncHTTPTestCase):
+    """Getting the watcher fails for a reason that is not a setting."""
+
+    def get_app(self) -> web.Application:
+        return web.Application([(r"/status", ssc.ConsulStatusHandler)])
+
+    def test_answers_the_application_status_and_logs_each_kind_once(self) -> None:
+        handler_module._logged_errors.clear()
+        failures = [RuntimeError("Event loop is closed")] * 3 + [KeyError("x")] * 2
+        with mock.patch.object(
+            handler_module, "current", side_effect=failures
+        ), self.assertLogs("sprockets_status_consul", logging.ERROR) as logs:
+            for _ in failures:
+                response = self.fetch("/status")
+                assert response.code == 200
+                body = json.loads(response.body)
+                assert (body["status"], body["consul"]) == ("ok", "unavailable")
+                assert "reason" not in body
+        assert [r.exc_info[0] for r in logs.records if r.exc_info] == [
+            RuntimeError,
+            KeyError,
+        ]
+        assert len(logs.records) == 2
+
+    def test_the_application_status_still_counts(self) -> None:
+        self._app.status = ssc.MAINTENANCE  # type: ignore[attr-defined]
+        with mock.patch.object(handler_module, "current", side_effect=OSError("x")):
+            response = self.fetch(
+                "/status", headers={"Accept": "application/health+json"}
+            )
+        assert response.code == 503
+        body = json.loads(response.body)
+        assert body["checks"]["consul:watcher"][0]["status"] == "warn"
+        assert body["checks"]["consul:watcher"][0]["output"] == (
+            "unexpected error: OSError"
+        )
 
 
 class MemoryOnlyTests(testing.AsyncHTTPTestCase):
@@ -272,14 +327,224 @@ class AllowTests(testing.AsyncHTTPTestCase):
         assert response.headers["Vary"] == "Accept"
 
 
-def test_encoded_bodies_match_tornados_encoding_and_stay_bounded() -> None:
-    from tornado import escape
+class Overridden(ssc.ConsulStatusHandler):
+    """A subclass that answers GET its own way."""
 
-    body = {"application": "a</script>", "status": "ok", "consul_age": 1.5}
-    assert handler_module._encoded(body) == escape.utf8(escape.json_encode(body))
-    assert handler_module._encoded(dict(body)) is handler_module._encoded(body)
-    nested = {"status": "ok", "extra": {"a": [1]}}
-    assert json.loads(handler_module._encoded(nested)) == nested
-    for n in range(1000):
-        handler_module._encoded({"n": n})
-    assert len(handler_module._ENCODED) <= 256
+    def get(self, *args: Any, **kwargs: Any) -> Awaitable[None] | None:
+        self.set_status(503)
+        self.set_header("X-Overridden", "yes")
+        self.write({"status": "overridden"})
+        return None
+
+
+class HeadTests(testing.AsyncHTTPTestCase):
+    def get_app(self) -> web.Application:
+        return web.Application([(r"/status", Overridden)])
+
+    def test_head_answers_what_the_subclass_get_answers(self) -> None:
+        get = self.fetch("/status")
+        head = self.fetch("/status", method="HEAD")
+        assert (get.code, head.code) == (503, 503)
+        assert head.headers["X-Overridden"] == "yes"
+        assert head.body == b""
+
+
+class SynchronousMixin:
+    """A mixin as written for a synchronous ``prepare``: it does not await."""
+
+    def prepare(self) -> None:
+        self.prepared = True
+        super().prepare()  # type: ignore[misc]
+
+
+class MixedIn(SynchronousMixin, ssc.ConsulStatusHandler):
+    pass
+
+
+class SynchronousMixinTests(testing.AsyncHTTPTestCase):
+    def get_app(self) -> web.Application:
+        app = web.Application([(r"/status", MixedIn)])
+        self.consul = ScriptedConsul()
+        self.watcher = ConsulWatcher(Settings(startup_wait=5), client=self.consul)  # type: ignore[arg-type]
+        _WATCHERS[app] = self.watcher
+        return app
+
+    def test_the_first_request_of_a_process_is_answered(self) -> None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            response = self.fetch("/status")  # Consul has not answered yet
+            gc.collect()
+        assert response.code == 200
+        body = json.loads(response.body)
+        assert (body["status"], body["consul"]) == ("ok", "starting")
+        assert not [w for w in caught if "never awaited" in str(w.message)]
+
+        self.consul.answer(3, maint("deploy 42"))
+        self.io_loop.run_sync(lambda: self.watcher.wait_ready(5))
+        body = json.loads(self.fetch("/status").body)
+        assert (body["status"], body["reason"]) == ("maintenance", "deploy 42")
+
+
+class Truthful(ssc.StatusHandler):
+    """Adds a value from the query: a boolean, an int or a float."""
+
+    def _status_response(self) -> dict[str, Any]:
+        body = super()._status_response()
+        value = self.get_query_argument("value")
+        body["value"] = {"true": True, "one": 1, "float": 1.0}[value]
+        return body
+
+
+class ExactBodyTests(testing.AsyncHTTPTestCase):
+    def get_app(self) -> web.Application:
+        return web.Application([(r"/status", Truthful)])
+
+    def test_equal_values_keep_their_own_encoding(self) -> None:
+        for value, expected in (("one", "1"), ("true", "true"), ("float", "1.0")):
+            body = self.fetch(f"/status?value={value}").body.decode()
+            assert f'"value": {expected}' in body, body
+
+
+class IdentityTests(testing.AsyncHTTPTestCase):
+    """Name and version: the application's settings, then set_application."""
+
+    def get_app(self) -> web.Application:
+        self.first = web.Application(
+            [(r"/first/status", ssc.StatusHandler)], service="first", version="1.0.0"
+        )
+        self.second = web.Application(
+            [(r"/second/status", ssc.StatusHandler)], service="second", version="2.0.0"
+        )
+        return web.Application(
+            [
+                (r"/first/.*", self.first),
+                (r"/second/.*", self.second),
+                (r"/status", ssc.StatusHandler),
+            ]
+        )
+
+    def test_two_applications_in_one_process_differ(self) -> None:
+        import tornado
+
+        first = json.loads(self.fetch("/first/status").body)
+        second = json.loads(self.fetch("/second/status").body)
+        fallback = json.loads(self.fetch("/status").body)
+        assert (first["application"], first["version"]) == ("first", "1.0.0")
+        assert (second["application"], second["version"]) == ("second", "2.0.0")
+        assert (fallback["application"], fallback["version"]) == (
+            "tornado",
+            tornado.version,
+        )
+
+    def test_health_json_says_the_same(self) -> None:
+        response = self.fetch(
+            "/second/status", headers={"Accept": "application/health+json"}
+        )
+        body = json.loads(response.body)
+        assert (body["serviceId"], body["version"]) == ("second", "2.0.0")
+
+
+class TimeTests(testing.AsyncHTTPTestCase):
+    def get_app(self) -> web.Application:
+        app = web.Application([(r"/status", ssc.ConsulStatusHandler)])
+        self.consul = ScriptedConsul()
+        watcher = ConsulWatcher(Settings(startup_wait=5), client=self.consul)  # type: ignore[arg-type]
+        _WATCHERS[app] = watcher
+        return app
+
+    def test_every_check_says_when_it_was_confirmed(self) -> None:
+        self.consul.answer(3)
+        before = datetime.datetime.now(datetime.timezone.utc)
+        response = self.fetch("/status", headers={"Accept": "application/health+json"})
+        after = datetime.datetime.now(datetime.timezone.utc)
+        checks = json.loads(response.body)["checks"]
+        assert set(checks) == {"application:status", "consul-node:maintenance"}
+        for (entry,) in checks.values():
+            assert entry["time"].endswith("Z")
+            moment = datetime.datetime.fromisoformat(
+                entry["time"].replace("Z", "+00:00")
+            )
+            slack = datetime.timedelta(milliseconds=1)
+            assert before - slack <= moment <= after + slack
+
+    def test_an_unreachable_source_is_as_old_as_its_answer(self) -> None:
+        self.consul.answer(3)
+        assert self.fetch("/status").code == 200
+        self.consul.fail(ssc.ConsulError("cannot reach http://127.0.0.1:8500"))
+        deadline = self.io_loop.time() + 5
+        while True:
+            body = json.loads(
+                self.fetch(
+                    "/status", headers={"Accept": "application/health+json"}
+                ).body
+            )
+            node = body["checks"]["consul-node:maintenance"][0]
+            if node["status"] == "warn":
+                break
+            assert self.io_loop.time() < deadline
+        notes = dict(note.split(": ", 1) for note in body["notes"])
+        age = float(notes["consul_age"])
+        moment = datetime.datetime.fromisoformat(node["time"].replace("Z", "+00:00"))
+        now = datetime.datetime.now(datetime.timezone.utc)
+        assert abs((now - moment).total_seconds() - age) < 0.5
+
+
+class LogRequestTests(testing.AsyncHTTPTestCase):
+    def get_app(self) -> web.Application:
+        return web.Application(
+            [(r"/status", ssc.StatusHandler), (r"/other", Unavailable)],
+            log_function=ssc.log_request,
+        )
+
+    def test_status_503s_are_info_other_5xx_errors(self) -> None:
+        self._app.status = ssc.MAINTENANCE  # type: ignore[attr-defined]
+        with self.assertLogs("tornado.access", logging.INFO) as logs:
+            assert self.fetch("/status").code == 503
+            assert self.fetch("/other").code == 503
+            assert self.fetch("/missing").code == 404
+        levels = [(r.levelno, r.getMessage().rsplit(" ", 1)[0]) for r in logs.records]
+        assert levels == [
+            (logging.INFO, "503 GET /status (127.0.0.1)"),
+            (logging.ERROR, "503 GET /other (127.0.0.1)"),
+            (logging.WARNING, "404 GET /missing (127.0.0.1)"),
+        ]
+        assert logs.records[0].getMessage().endswith("ms")
+
+
+class Unavailable(web.RequestHandler):
+    def get(self) -> None:
+        self.set_status(503)
+
+
+@pytest.mark.parametrize(
+    ("accept", "health"),
+    [
+        ("", False),
+        ("*/*", False),
+        ("application/*", False),
+        ("application/json", False),
+        ("application/health+json", True),
+        ("Application/Health+JSON", True),
+        ("application/health+json;q=0.1, application/json", False),
+        ("application/json;q=0.1, application/health+json", True),
+        ("application/health+json, application/json", True),
+        ("application/json, application/health+json", True),
+        ("application/health+json;q=0.5, application/json;q=0.5", True),
+        ("application/health+json, */*;q=0.1", True),
+        ("application/health+json;q=0.1, */*", False),
+        ("application/health+json;q=0.1, application/*", False),
+        ("application/json;q=0.2, */*", True),
+        ("application/health+json;q=0", False),
+        ("application/health+json;q=0, */*", False),
+        ("application/json;q=0, application/health+json;q=0", False),
+        ("application/health+json;q=nonsense", False),
+        ("application/health+json;q=2", False),
+        ("health+json", False),
+        ("*/health+json", False),
+        ("application/health+json;charset=utf-8;q=0.9, application/json;q=0.8", True),
+        ("application/health+json ; q = 0.3 , application/json ; q = 0.4", False),
+        (",,;;, application/health+json", True),
+    ],
+)
+def test_accept_negotiation(accept: str, health: bool) -> None:
+    assert ssc_health.wanted(accept) is health
