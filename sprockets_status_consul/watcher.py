@@ -162,14 +162,14 @@ class NodeSource(Source):
         if self.service is not None:
             check = f"{SERVICE_MAINTENANCE_CHECK}{self.service}"
             kinds.append(("service", self.service, check))
-        return tuple(
-            st.SourceAnswer(name, subject)
-            if check not in critical
-            else st.SourceAnswer(
-                name, subject, True, critical[check] or f"{name} maintenance"
-            )
-            for name, subject, check in kinds
-        )
+        answers = []
+        for name, subject, check in kinds:
+            if check in critical:
+                reason = critical[check] or f"{name} maintenance"
+                answers.append(st.SourceAnswer(name, subject, True, reason))
+            else:
+                answers.append(st.SourceAnswer(name, subject))
+        return tuple(answers)
 
 
 class KeySource(Source):
