@@ -1,7 +1,7 @@
 """Benchmarks of ``/status``: throughput, Consul load, propagation, memory, fleet.
 
-Run from the repository root against real Consul agents on loopback (found
-or fetched the way the tests get one)::
+Run from the repository root against real Consul agents on loopback (the
+binary from ``$CONSUL_BINARY``, ``PATH``, else ``scripts/get-consul``)::
 
     python -m bench            # all of them
     python -m bench fleet      # one of them

@@ -2,8 +2,8 @@
 
 Every process a benchmark starts goes through :class:`Processes`, which stops
 it at the end, and makes it die with the run (``PR_SET_PDEATHSIG``) if the run
-is killed. The Consul agents come from the project's dev-agent launcher,
-imported here and nowhere else.
+is killed. The Consul agents come from the library's dev-agent launcher
+(:mod:`sprockets_status_consul.dev_agent`), imported here and nowhere else.
 """
 
 from __future__ import annotations
@@ -28,15 +28,20 @@ from typing import Any
 
 from bench import loadgen
 from bench.loadgen import KeepAliveClient
+from sprockets_status_consul.dev_agent import (
+    ConsulAgentError,
+    ConsulDevAgent,
+    find_consul_binary,
+)
 
-# to become sprockets_status_consul.dev_agent (its binary lookup too)
-from tests.consul_agent import ConsulUnavailable, DevAgent, find_or_fetch_consul
-
-Agent = DevAgent
+Agent = ConsulDevAgent
 """A Consul agent that a benchmark started."""
 
 ROOT = Path(__file__).resolve().parent.parent
 """The repository: backends run from here, and results are written under it."""
+
+GET_CONSUL = ROOT / "scripts" / "get-consul"
+"""The project's script that fetches Consul into a cache and prints its path."""
 
 STARTUP_TIMEOUT = 30.0
 """Seconds a backend or the proxy may take to say it is ready."""
@@ -60,14 +65,23 @@ LABELS = {kind: label for kind, (_, label) in KINDS.items()}
 
 
 def consul_binary() -> str:
-    """The ``consul`` binary: ``$CONSUL_BINARY``, ``PATH``, the cache, or fetched.
+    """The ``consul`` binary: ``$CONSUL_BINARY``, ``PATH``, else the one
+    ``scripts/get-consul`` keeps in its cache (fetched the first time).
 
     :raises SystemExit: when there is none, saying why.
     """
     try:
-        return find_or_fetch_consul()
-    except ConsulUnavailable as error:
-        raise SystemExit(f"error: no Consul binary: {error}") from error
+        found = find_consul_binary()
+    except ConsulAgentError as error:
+        raise SystemExit(f"error: {error}") from error
+    if found is not None:
+        return found
+    fetched = subprocess.run(
+        [sys.executable, str(GET_CONSUL)], capture_output=True, text=True, check=False
+    )
+    if fetched.returncode != 0:
+        raise SystemExit(f"error: no Consul binary: {fetched.stderr.strip()}")
+    return fetched.stdout.strip()
 
 
 def start_agent(binary: str, host: str, extra_args: Sequence[str] = ()) -> Agent:
@@ -77,12 +91,12 @@ def start_agent(binary: str, host: str, extra_args: Sequence[str] = ()) -> Agent
 
     :raises SystemExit: when the agent does not start, with its log.
     """
-    agent = DevAgent(
+    agent = ConsulDevAgent(
         binary, host=host, extra_config={"log_level": "warn"}, extra_args=extra_args
     )
     try:
         return agent.start()
-    except ConsulUnavailable as error:
+    except ConsulAgentError as error:
         raise SystemExit(f"error: no Consul agent: {error}") from error
 
 

@@ -1,11 +1,12 @@
 """The Consul demo without Docker: a dev agent, the example app, and how to flip it.
 
 ``scripts/demo`` runs this in the project's virtualenv. It gets a real Consul
-binary (``tests/consul_agent.py``: ``$CONSUL_BINARY``, ``consul`` on ``$PATH``,
-the cache, else a download of Debian's package), starts ``consul agent -dev``
-on free loopback ports, starts ``examples/consul_app.py`` against it, waits
-until ``/status`` answers, and prints the commands that flip it. Ctrl-C stops
-everything.
+binary (``$CONSUL_BINARY``, ``consul`` on ``$PATH``, else the one
+``scripts/get-consul`` keeps in its cache, fetched from Debian's package the
+first time), starts ``consul agent -dev`` on free loopback ports with the
+library's :class:`~sprockets_status_consul.dev_agent.ConsulDevAgent`, starts
+``examples/consul_app.py`` against it, waits until ``/status`` answers, and
+prints the commands that flip it. Ctrl-C stops everything.
 
 With ``--smoke`` (or ``DEMO_SMOKE=1``) it flips maintenance itself instead:
 ``/status`` must go 200 -> 503 with the reason -> 200. It prints the result and
@@ -22,29 +23,25 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from tests.consul_agent import (  # noqa: E402
-    ConsulCommandError,
-    ConsulUnavailable,
-    DevAgent,
-    find_consul,
-    find_or_fetch_consul,
-    free_port,
-    wait_for,
+from sprockets_status_consul.dev_agent import (
+    ConsulAgentError,
+    ConsulDevAgent,
+    find_consul_binary,
 )
 
+ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "examples" / "consul_app.py"
+GET_CONSUL = ROOT / "scripts" / "get-consul"
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT = 20.0
 """Seconds the app may take to answer ``/status`` after it is started."""
@@ -53,8 +50,74 @@ FLIP_TIMEOUT = 10.0
 SMOKE_REASON = "demo smoke test"
 
 
+T = TypeVar("T")
+
+
 class DemoError(Exception):
     """The demo cannot go on; the message says why."""
+
+
+def consul_binary() -> str:
+    """``$CONSUL_BINARY``, ``consul`` on ``$PATH``, else Consul 1.8.7 from
+    ``scripts/get-consul`` (which fetches it into its cache the first time)."""
+    found = find_consul_binary()
+    if found is not None:
+        return found
+    print("no consul on PATH: scripts/get-consul (fetches Consul once) ...", flush=True)
+    got = subprocess.run(
+        [sys.executable, str(GET_CONSUL)], capture_output=True, text=True, check=False
+    )
+    if got.returncode != 0:
+        raise DemoError(f"no Consul binary: {got.stderr.strip()}")
+    return got.stdout.strip()
+
+
+def consul(agent: ConsulDevAgent, *args: str, check: bool = True) -> None:
+    """Run the ``consul`` CLI against ``agent``, as the banner tells a user to."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_")}
+    env["CONSUL_HTTP_ADDR"] = agent.http_addr
+    done = subprocess.run(
+        [agent.binary, *args],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    if check and done.returncode != 0:
+        output = (done.stderr or done.stdout).strip()
+        raise DemoError(f"consul {' '.join(args)} failed: {output}")
+
+
+def free_port() -> int:
+    """A TCP port free on :data:`HOST` right now (the kernel's pick)."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def wait_for(
+    check: Callable[[], T | None], timeout: float, message: Callable[[], str]
+) -> T:
+    """Call ``check`` until it returns something, for up to ``timeout`` seconds.
+
+    An :class:`OSError` or :class:`ValueError` (the app not listening yet, or
+    half an answer) counts as nothing yet; at the deadline :class:`DemoError`
+    says ``message()``.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = check()
+        except (OSError, ValueError):
+            result = None
+        if result is not None:
+            return result
+        if time.monotonic() >= deadline:
+            raise DemoError(message())
+        time.sleep(0.02)
 
 
 def get_status(port: int, timeout: float = 5.0) -> tuple[int, dict[str, Any]]:
@@ -76,7 +139,7 @@ def _die_with_demo() -> None:
     """In the app's process, before exec: SIGTERM when the demo dies (Linux).
 
     So that even a demo killed with SIGKILL leaves no app behind; the Consul
-    agent gets the same from :class:`DevAgent`.
+    agent gets the same from :class:`ConsulDevAgent`.
     """
     if sys.platform == "linux":
         with contextlib.suppress(OSError, AttributeError):
@@ -113,18 +176,11 @@ class App:
             code, body = get_status(self.port, timeout=2.0)
             return body if code == 200 and body.get("consul") == "connected" else None
 
-        try:
-            body: dict[str, Any] | None = wait_for(
-                answered,
-                timeout=STARTUP_TIMEOUT,
-                interval=0.05,
-                message=f"http://{HOST}:{self.port}/status did not answer 200",
-                ignore=(OSError, ValueError),
-            )
-        except AssertionError as error:
-            raise DemoError(str(error)) from None
-        assert body is not None
-        return body
+        return wait_for(
+            answered,
+            STARTUP_TIMEOUT,
+            lambda: f"http://{HOST}:{self.port}/status did not answer 200",
+        )
 
     def stop(self, timeout: float = 10.0) -> int:
         """SIGTERM, wait up to ``timeout`` seconds, then SIGKILL; the exit code."""
@@ -138,7 +194,7 @@ class App:
         return self.proc.returncode
 
 
-def banner(agent: DevAgent, port: int) -> str:
+def banner(agent: ConsulDevAgent, port: int) -> str:
     consul = shlex.quote(agent.binary)
     addr = f"-http-addr={agent.http_addr}"
     status = f"curl -i http://{HOST}:{port}/status"
@@ -177,28 +233,24 @@ def wait_status(
             return body if body.get("reason") == reason else None
         return None
 
-    result: dict[str, Any] | None = wait_for(
+    return wait_for(
         check,
-        timeout=FLIP_TIMEOUT,
-        interval=0.02,
-        message=lambda: (
+        FLIP_TIMEOUT,
+        lambda: (
             f"/status did not answer {code} {status} {reason!r}; last answer: {last[0]}"
         ),
-        ignore=(OSError, ValueError),
     )
-    assert result is not None
-    return result
 
 
-def smoke(agent: DevAgent, port: int) -> None:
+def smoke(agent: ConsulDevAgent, port: int) -> None:
     """Flip maintenance once and check that ``/status`` follows it both ways."""
     try:
-        agent.consul("maint", "-enable", "-reason", SMOKE_REASON)
+        consul(agent, "maint", "-enable", "-reason", SMOKE_REASON)
         print(f"smoke: consul maint -enable -reason {SMOKE_REASON!r}", flush=True)
         body = wait_status(port, 503, "maintenance", SMOKE_REASON)
         print(f"smoke: /status -> 503 {body}", flush=True)
     finally:
-        agent.consul("maint", "-disable", check=False)
+        consul(agent, "maint", "-disable", check=False)
     print("smoke: consul maint -disable", flush=True)
     body = wait_status(port, 200, "ok", None)
     print(f"smoke: /status -> 200 {body}", flush=True)
@@ -236,10 +288,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> int:
     """The demo; its exit code (1 when the app did not stop cleanly)."""
-    port: int = args.port or free_port(HOST)
-    if find_consul() is None:
-        print("no consul binary yet: fetching Consul (once) ...", flush=True)
-    agent = DevAgent(find_or_fetch_consul())
+    port: int = args.port or free_port()
+    agent = ConsulDevAgent(consul_binary())
     app: App | None = None
     try:
         agent.start()
@@ -288,9 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except (
         DemoError,
-        ConsulUnavailable,
-        ConsulCommandError,
-        AssertionError,
+        ConsulAgentError,
         OSError,
         ValueError,
     ) as error:

@@ -34,35 +34,22 @@ STOPPED = "stopped"
 
 
 @dataclasses.dataclass(frozen=True)
-class Verdict:
-    """What one source of maintenance says: in maintenance or not, and why.
+class SourceAnswer:
+    """What one source of maintenance says: ``node``, ``service`` or ``key``.
 
-    ``source`` names the source when one query answers for several (the
-    node's checks hold both node and service maintenance).
-    """
-
-    maintenance: bool
-    reason: str | None = None
-    source: str | None = None
-
-
-NOT_IN_MAINTENANCE = Verdict(maintenance=False)
-
-
-@dataclasses.dataclass(frozen=True)
-class SourceStatus:
-    """What the watcher knows of one source: ``node``, ``service`` or ``key``.
-
-    ``consul`` is the state of the query that follows it (as in
-    :class:`ConsulStatus`), ``error`` the last error while it is not
-    connected, ``subject`` the node name, service ID or key followed.
+    A source's query returns one per kind of maintenance it follows (the
+    node's checks answer for both node and service); ``subject`` is the node
+    name, service ID or key followed, ``reason`` why it is in maintenance.
+    The watcher fills in ``consul``, the state of the query (as in
+    :class:`ConsulStatus`), and ``error``, the last error while it is not
+    connected: the same answer is what :attr:`ConsulStatus.sources` holds.
     """
 
     name: str
     subject: str | None
-    maintenance: bool
-    consul: str
+    maintenance: bool = False
     reason: str | None = None
+    consul: str = CONNECTED
     error: str | None = None
 
 
@@ -76,7 +63,8 @@ class ConsulStatus:
     reached) and ``reason`` says why. ``consul`` is one of :data:`STARTING`,
     :data:`CONNECTED`, :data:`UNREACHABLE`, :data:`STALE` or :data:`STOPPED`;
     ``age`` is how many seconds ago Consul last confirmed the answer, ``None``
-    while it is connected or when it never has. ``sources`` has one entry per source.
+    while it is connected or when it never has. ``sources`` has one
+    :class:`SourceAnswer` per kind of maintenance followed.
     """
 
     status: str
@@ -84,7 +72,7 @@ class ConsulStatus:
     reason: str | None = None
     source: str | None = None
     age: float | None = None
-    sources: tuple[SourceStatus, ...] = ()
+    sources: tuple[SourceAnswer, ...] = ()
 
 
 # What /status answers, from all of its sources ---------------------------

@@ -71,13 +71,13 @@ def consul_says(
         reason=reason if maintenance else None,
         source=source if maintenance else None,
         sources=(
-            st.SourceStatus(
+            st.SourceAnswer(
                 followed,
                 None,
                 in_maintenance,
-                consul,
                 reason if in_maintenance else None,
-                reason if maintenance and source == "consul" else None,
+                consul=consul,
+                error=reason if maintenance and source == "consul" else None,
             ),
         ),
     )

@@ -94,25 +94,14 @@ class Source:
 
     name = "source"
 
-    def describe(
-        self, verdict: st.Verdict | None, consul: str, error: str | None
-    ) -> list[st.SourceStatus]:
-        """What this source reports, one entry per kind of maintenance."""
-        maintenance = verdict is not None and verdict.maintenance
-        reason = verdict.reason if verdict is not None else None
-        return [
-            st.SourceStatus(self.name, self.subject, maintenance, consul, reason, error)
-        ]
-
-    @property
-    def subject(self) -> str | None:
-        """What is followed: a node name, a key."""
-        return None
+    def quiet(self) -> tuple[st.SourceAnswer, ...]:
+        """What it says before Consul answers: no maintenance, one per kind."""
+        raise NotImplementedError
 
     async def query(
         self, client: ConsulClient, index: int, wait: float | None
-    ) -> tuple[int, st.Verdict]:
-        """Ask Consul once; return the index to block on next and the verdict."""
+    ) -> tuple[int, tuple[st.SourceAnswer, ...]]:
+        """Ask Consul once; return the index to block on next and the answers."""
         raise NotImplementedError
 
 
@@ -122,7 +111,7 @@ class NodeSource(Source):
     ``consul maint -enable`` sets the node's ``_node_maintenance`` check
     critical; ``consul maint -enable -service ID`` sets the check
     ``_service_maintenance:ID``. Both are checks of the node, so one blocking
-    query follows both; node maintenance comes first.
+    query follows both, and answers for each: ``node`` then ``service``.
 
     Without a ``node`` setting the node is the one of the agent the watcher
     talks to, asked once; the process's host name is not used, since it is
@@ -141,45 +130,13 @@ class NodeSource(Source):
         self.service = service
         self.on_checks = on_checks
         """Given every answer's checks: how a registration learns it was lost."""
-        self.service_check = (
-            None if service is None else f"{SERVICE_MAINTENANCE_CHECK}{service}"
-        )
 
-    @property
-    def subject(self) -> str | None:
-        return self.node
-
-    def describe(
-        self, verdict: st.Verdict | None, consul: str, error: str | None
-    ) -> list[st.SourceStatus]:
-        source = verdict.source if verdict is not None else None
-        reason = verdict.reason if verdict is not None else None
-        entries = [
-            st.SourceStatus(
-                "node",
-                self.node,
-                source == "node",
-                consul,
-                reason if source == "node" else None,
-                error,
-            )
-        ]
-        if self.service is not None:
-            entries.append(
-                st.SourceStatus(
-                    "service",
-                    self.service,
-                    source == "service",
-                    consul,
-                    reason if source == "service" else None,
-                    error,
-                )
-            )
-        return entries
+    def quiet(self) -> tuple[st.SourceAnswer, ...]:
+        return self._answers({})
 
     async def query(
         self, client: ConsulClient, index: int, wait: float | None
-    ) -> tuple[int, st.Verdict]:
+    ) -> tuple[int, tuple[st.SourceAnswer, ...]]:
         if self.node is None:
             self.node = await client.node_name()
             LOGGER.info("following Consul node %r", self.node)
@@ -197,13 +154,22 @@ class NodeSource(Source):
             for check in checks
             if check.get("Status") == "critical"
         }
-        if NODE_MAINTENANCE_CHECK in critical:
-            reason = critical[NODE_MAINTENANCE_CHECK] or "node maintenance"
-            return consul_index, st.Verdict(True, reason, "node")
-        if self.service_check in critical:
-            reason = critical[self.service_check] or "service maintenance"
-            return consul_index, st.Verdict(True, reason, "service")
-        return consul_index, st.NOT_IN_MAINTENANCE
+        return consul_index, self._answers(critical)
+
+    def _answers(self, critical: dict[str, str]) -> tuple[st.SourceAnswer, ...]:
+        """The node's answer and the service's, from the notes of critical checks."""
+        kinds = [("node", self.node, NODE_MAINTENANCE_CHECK)]
+        if self.service is not None:
+            check = f"{SERVICE_MAINTENANCE_CHECK}{self.service}"
+            kinds.append(("service", self.service, check))
+        answers = []
+        for name, subject, check in kinds:
+            if check in critical:
+                reason = critical[check] or f"{name} maintenance"
+                answers.append(st.SourceAnswer(name, subject, True, reason))
+            else:
+                answers.append(st.SourceAnswer(name, subject))
+        return tuple(answers)
 
 
 class KeySource(Source):
@@ -219,18 +185,18 @@ class KeySource(Source):
     def __init__(self, key: str) -> None:
         self.key = key
 
-    @property
-    def subject(self) -> str | None:
-        return self.key
+    def quiet(self) -> tuple[st.SourceAnswer, ...]:
+        return (st.SourceAnswer("key", self.key),)
 
     async def query(
         self, client: ConsulClient, index: int, wait: float | None
-    ) -> tuple[int, st.Verdict]:
+    ) -> tuple[int, tuple[st.SourceAnswer, ...]]:
         consul_index, value = await client.kv_value(self.key, index, wait)
         if value is None:
-            return consul_index, st.NOT_IN_MAINTENANCE
+            return consul_index, self.quiet()
         reason = value.decode("utf-8", "replace").strip()
-        return consul_index, st.Verdict(True, reason or f"key {self.key} is set")
+        reason = reason or f"key {self.key} is set"
+        return consul_index, (st.SourceAnswer("key", self.key, True, reason),)
 
 
 class _Followed:
@@ -238,7 +204,7 @@ class _Followed:
 
     def __init__(self, source: Source) -> None:
         self.source = source
-        self.verdict: st.Verdict | None = None  # None until the first answer
+        self.answers: tuple[st.SourceAnswer, ...] | None = None  # until the first
         self.error: str | None = None
         self.answered_at: float | None = None  # time.monotonic() of last answer
         self.failed_at: float | None = None
@@ -448,7 +414,7 @@ class ConsulWatcher:
                 started = time.monotonic()
                 blocking = index != 0
                 try:
-                    new_index, verdict = await followed.source.query(
+                    new_index, answers = await followed.source.query(
                         client, index, self._wait() if blocking else None
                     )
                 except Exception as error:  # a bug here must not stop the loop
@@ -460,7 +426,7 @@ class ConsulWatcher:
                 else:
                     self.queries["ok"] += 1
                     failures = 0
-                    self._answered(followed, verdict)
+                    self._answered(followed, answers)
                     index, delay = self._next(index, new_index)
                 if blocking:
                     delay = max(delay, _rate_limit(started))
@@ -485,21 +451,22 @@ class ConsulWatcher:
         # Index 0 would never block: Consul's advice is to use 1.
         return max(new_index, 1), 0.0
 
-    def _answered(self, followed: _Followed, verdict: st.Verdict) -> None:
+    def _answered(
+        self, followed: _Followed, answers: tuple[st.SourceAnswer, ...]
+    ) -> None:
         now = time.monotonic()
         if followed.error is not None:
             down = now - (followed.failed_at or now)
             LOGGER.info(
                 "Consul %s answers again after %.1f s", self.settings.address, down
             )
-        if verdict != followed.verdict:
-            if verdict.maintenance:
-                name = verdict.source or followed.source.name
-                LOGGER.info("%s maintenance enabled: %s", name, verdict.reason)
-            elif followed.verdict is not None and followed.verdict.maintenance:
-                name = followed.verdict.source or followed.source.name
-                LOGGER.info("%s maintenance disabled", name)
-        followed.verdict = verdict
+        previous = followed.answers or followed.source.quiet()
+        for before, after in zip(previous, answers, strict=True):
+            if after.maintenance and after != before:
+                LOGGER.info("%s maintenance enabled: %s", after.name, after.reason)
+            elif before.maintenance and not after.maintenance:
+                LOGGER.info("%s maintenance disabled", after.name)
+        followed.answers = answers
         followed.error = None
         followed.failed_at = None
         followed.answered_at = now
@@ -537,7 +504,7 @@ class ConsulWatcher:
         self._snapshot = snapshot if snapshot.consul == st.CONNECTED else None
         if not self.ready:
             self.ready = all(
-                f.verdict is not None or f.error is not None for f in self._followed
+                f.answers is not None or f.error is not None for f in self._followed
             )
         if self.ready:
             self._ready.set()
@@ -548,16 +515,16 @@ class ConsulWatcher:
         settings = self.settings
         states = []
         ages = []
-        sources: list[st.SourceStatus] = []
-        maintenance: tuple[str, str | None] | None = None
+        sources: list[st.SourceAnswer] = []
         source: str | None
         reason: str | None
         for followed in self._followed:
             age = None if followed.answered_at is None else now - followed.answered_at
+            answers = followed.answers
             if followed.error is None:
-                state = st.CONNECTED if followed.verdict is not None else st.STARTING
+                state = st.CONNECTED if answers is not None else st.STARTING
             elif (
-                followed.verdict is not None
+                answers is not None
                 and followed.failed_at is not None
                 and now - followed.failed_at <= settings.ttl
             ):
@@ -569,16 +536,17 @@ class ConsulWatcher:
             states.append(state)
             if state != st.CONNECTED:
                 ages.append(age)
-            verdict = followed.verdict
-            if maintenance is None and verdict is not None and verdict.maintenance:
-                maintenance = (verdict.source or followed.source.name, verdict.reason)
-            sources.extend(followed.source.describe(verdict, state, followed.error))
+            sources.extend(
+                dataclasses.replace(answer, consul=state, error=followed.error)
+                for answer in answers or followed.source.quiet()
+            )
         consul = max(states, key=_SEVERITY.index)
         age = max(ages, key=lambda a: float("inf") if a is None else a, default=None)
         if age is not None:
             age = round(age, 3)
+        maintenance = next((answer for answer in sources if answer.maintenance), None)
         if maintenance is not None:
-            source, reason = maintenance
+            source, reason = maintenance.name, maintenance.reason
             status = st.MAINTENANCE
         elif settings.failure_mode == FAIL_CLOSED and consul in (st.STARTING, st.STALE):
             source = "consul"

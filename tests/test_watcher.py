@@ -106,7 +106,7 @@ def test_first_query_does_not_block_then_blocks_on_the_index() -> None:
         status = watcher.status()
         assert (status.status, status.consul, status.age) == (st.OK, st.CONNECTED, None)
         assert status.sources == (
-            st.SourceStatus("node", "node-1", False, st.CONNECTED),
+            st.SourceAnswer("node", "node-1", False, consul=st.CONNECTED),
         )
         assert watcher.node == "node-1"
 
@@ -145,6 +145,25 @@ def test_maintenance_follows_the_check_with_its_reason() -> None:
 
     consul = run(test)
     assert [c[1] for c in consul.calls] == [0, 5, 9, 12]
+
+
+def test_node_and_service_maintenance_each_show_in_their_own_source() -> None:
+    service = {"CheckID": "_service_maintenance:web-1", "Status": "critical"}
+
+    async def test(watcher: ConsulWatcher, consul: ScriptedConsul) -> None:
+        consul.answer(5, maint("node down"), {**service, "Notes": "canary bad"})
+        await until(lambda: watcher.status().status == st.MAINTENANCE)
+        status = watcher.status()
+        assert (status.source, status.reason) == ("node", "node down")
+        assert status.sources == (
+            st.SourceAnswer("node", "node-1", True, "node down"),
+            st.SourceAnswer("service", "web-1", True, "canary bad"),
+        )
+        consul.answer(7, service)  # no notes: the reason says what it is
+        await until(lambda: watcher.status().source == "service")
+        assert watcher.status().reason == "service maintenance"
+
+    run(test, service="web-1")
 
 
 def test_index_going_backwards_resets_to_a_non_blocking_query(
