@@ -114,13 +114,25 @@ def wait_for(
         time.sleep(interval)
 
 
-def free_port(host: str = DEFAULT_HOST) -> int:
-    """A TCP port that is free on ``host`` right now (the kernel's pick)."""
+def free_port(host: str = DEFAULT_HOST, *, also_udp: bool = False) -> int:
+    """A TCP port that is free on ``host`` right now (the kernel's pick).
+
+    With ``also_udp`` the same UDP port is free too (for an agent's DNS).
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-    return port
+    for _ in range(100):
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port: int = sock.getsockname()[1]
+            if not also_udp:
+                return port
+            with socket.socket(family, socket.SOCK_DGRAM) as udp:
+                try:
+                    udp.bind((host, port))
+                except OSError:
+                    continue
+                return port
+    raise ConsulUnavailable(f"no port free for both TCP and UDP on {host}")
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
