@@ -46,10 +46,13 @@ WARNING_TEXT = " cannot follow "
 def p99_limit_ms() -> float:
     """The p99 latency of ``/status`` a test accepts, in milliseconds.
 
-    A request reads memory only (about 0.5 ms here); the limit leaves room for
-    a loaded 2-core CI machine and is ``$SSC_P99_LIMIT_MS`` when set.
+    A request reads memory only (about 0.5 ms on a quiet machine). What the
+    limit must catch is a request that waits on Consul, which in these tests
+    takes at least the 500 ms ``timeout``; 50 ms leaves room for a 2-core
+    machine busy with the agents and backends of the test itself, where 10 ms
+    was missed by scheduling alone. ``$SSC_P99_LIMIT_MS`` overrides it.
     """
-    return float(os.environ.get("SSC_P99_LIMIT_MS", "10"))
+    return float(os.environ.get("SSC_P99_LIMIT_MS", "50"))
 
 
 def measured(

@@ -7,7 +7,8 @@ and checks, for each fault:
 * every ``/status`` answer during the fault is 200 or 503 with a JSON body
   whose ``status`` matches the code, and ``consul`` says ``unreachable`` or
   ``stale``;
-* the p99 latency of many sequential requests stays under a few ms
+* the p99 latency of many sequential requests stays far below Consul's
+  shortest wait here (under 50 ms against a 500 ms `timeout`)
   (:func:`~tests.fault_support.p99_limit_ms`): a request never waits on Consul;
 * the library logs one warning per change of state, and no traceback;
 * the backends converge within seconds once Consul is back.
