@@ -22,6 +22,14 @@ that they do, see ``answers_differ`` in :mod:`bench.throughput`):
     ``consul_status={"blocking": False}``.
 ``watch``
     :class:`~sprockets_status_consul.ConsulStatusHandler` with its defaults.
+``checks``
+    ``watch`` with three checks (:func:`~sprockets_status_consul.add_check`)
+    that pass at once, every second: what checks cost a request, which only
+    reads their last results.
+``slow-check``
+    ``watch`` with one check that takes 5 s to answer, started again 0.1 s
+    after it does (timeout 10 s): one run is always under way, and a request
+    must not wait on it.
 
 For ``poll`` and ``watch``, ``--key`` makes the watcher follow a KV key too
 (the fleet-wide switch) and ``--ttl`` sets its TTL; ``--report-changes``
@@ -54,7 +62,10 @@ from tornado import httpserver, netutil, web
 APPLICATION = "sprockets-status-consul"
 """The application name every kind reports, and whose version it reports."""
 
-KINDS = ("plain", "plain-import", "seed", "poll", "watch")
+KINDS = ("plain", "plain-import", "seed", "poll", "watch", "checks", "slow-check")
+
+SLOW_CHECK_SECONDS = 5.0
+"""How long the ``slow-check`` kind's check takes to answer."""
 
 NODE_MAINTENANCE_CHECK = "_node_maintenance"
 
@@ -134,6 +145,26 @@ class SeedStatusHandler(web.RequestHandler):
         self.write(body)
 
 
+async def _passes() -> None:
+    """A check that passes at once."""
+
+
+async def _slow() -> None:
+    """A check that passes after :data:`SLOW_CHECK_SECONDS`."""
+    await asyncio.sleep(SLOW_CHECK_SECONDS)
+
+
+def add_checks(kind: str, app: web.Application) -> None:
+    """Register the checks of ``kind`` (none but for ``checks`` and ``slow-check``)."""
+    import sprockets_status_consul as ssc
+
+    if kind == "checks":
+        for name in ("database", "cache", "queue"):
+            ssc.add_check(app, name, _passes, interval=1)
+    elif kind == "slow-check":
+        ssc.add_check(app, "slow", _slow, interval=0.1, timeout=10)
+
+
 def _split_address(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host.strip("[]"), int(port)
@@ -169,7 +200,7 @@ async def make_app(
             seed_node=await _node_name(client),
         )
         return app, None
-    if kind not in ("poll", "watch"):
+    if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}")
     import sprockets_status_consul as ssc
 
@@ -182,6 +213,7 @@ async def make_app(
         consul_status=settings,
     )
     ssc.set_application(APPLICATION)
+    add_checks(kind, app)
     watcher = ssc.watch(app)
     if not await watcher.wait_ready(10.0):
         raise RuntimeError(f"no answer from Consul at {address} in 10 s")

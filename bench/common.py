@@ -58,6 +58,11 @@ KINDS = {
         'ConsulStatusHandler, TTL polling (`"blocking": False`)',
     ),
     "watch": ("defaults", "ConsulStatusHandler, defaults (blocking queries)"),
+    "checks": ("3 checks", "ConsulStatusHandler, defaults, 3 checks every 1 s"),
+    "slow-check": (
+        "5 s check",
+        "ConsulStatusHandler, defaults, a check that takes 5 s, always running",
+    ),
 }
 """Backend kinds (see :mod:`bench.backends`): short name and table label."""
 SHORT = {kind: short for kind, (short, _) in KINDS.items()}
@@ -341,12 +346,15 @@ def cpu_ns(pid: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class LoadResult:
-    """One load run: answers, how long it took, and anything not 200."""
+    """One load run: answers, how long it took, anything not 200, and the
+    99th percentile of the answers' latencies (None when the load generator
+    does not tell it)."""
 
     requests: int
     seconds: float
     non_200: int
     errors: int
+    p99_ms: float | None = None
 
     @property
     def rate(self) -> float:
@@ -440,6 +448,7 @@ class LoadGenerator:
                 f"-d{duration}",
                 "--timeout",
                 "5s",
+                "--latency",
                 f"http://127.0.0.1:{port}/status",
             ]
             started.append(await self.procs.spawn(args, name="wrk"))
@@ -463,19 +472,26 @@ def _load_result(data: dict[str, Any]) -> LoadResult:
         float(data["seconds"]),
         sum(n for code, n in codes.items() if code != "200"),
         int(data["errors"]),
+        data.get("p99_ms"),
     )
 
 
+WRK_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
+"""Seconds in each unit wrk prints durations in."""
+
+
 def _sum_wrk(outputs: Sequence[str]) -> LoadResult:
+    """One :class:`LoadResult` from wrk's outputs (one per port): requests
+    and errors add up, the p99 latency is the worst of theirs."""
     requests = non_200 = errors = 0
     seconds = 0.0
+    p99s = []
     for out in outputs:
         match = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m)\b", out)
         if match is None:
             raise RuntimeError(f"cannot read wrk's output:\n{out}")
         requests += int(match.group(1))
-        scale = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}[match.group(3)]
-        seconds = max(seconds, float(match.group(2)) * scale)
+        seconds = max(seconds, float(match.group(2)) * WRK_UNITS[match.group(3)])
         match = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
         non_200 += int(match.group(1)) if match else 0
         match = re.search(
@@ -483,7 +499,11 @@ def _sum_wrk(outputs: Sequence[str]) -> LoadResult:
             out,
         )
         errors += sum(int(g) for g in match.groups()) if match else 0
-    return LoadResult(requests, seconds, non_200, errors)
+        match = re.search(r"^\s*99%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.MULTILINE)
+        if match:  # in the "Latency Distribution" that --latency prints
+            p99s.append(float(match.group(1)) * WRK_UNITS[match.group(2)] * 1000)
+    p99 = max(p99s) if len(p99s) == len(outputs) else None
+    return LoadResult(requests, seconds, non_200, errors, p99)
 
 
 # --------------------------------------------------------------------------
@@ -524,13 +544,6 @@ def table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
     lines.append("|" + "|".join("---" for _ in header) + "|")
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return lines
-
-
-def percentile(values: Sequence[float], fraction: float) -> float:
-    """Nearest-rank percentile."""
-    ordered = sorted(values)
-    rank = max(1, -(-len(ordered) * fraction // 1))
-    return ordered[int(rank) - 1]
 
 
 def mb(kb: float) -> str:

@@ -34,8 +34,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench import common
-from bench.common import TTL, Backend, Bench, Target, cpu_ns, percentile, progress
-from bench.loadgen import KeepAliveClient
+from bench.common import TTL, Backend, Bench, Target, cpu_ns, progress
+from bench.loadgen import KeepAliveClient, percentile
 
 TARGET_WORST_MS = {64: 25.0}
 TARGET_CPU_MS = 0.3

@@ -10,7 +10,10 @@ Each connection sends ``GET /status``, reads the whole answer, and sends the
 next (a closed loop, like wrk); connections are spread over the ports. It
 stops after ``--duration`` seconds or ``--max-requests`` answers, whichever
 comes first, and prints one JSON line: ``requests``, ``seconds``, ``codes``
-(answers by status code) and ``errors``.
+(answers by status code), ``errors`` and ``p99_ms``, the 99th percentile of
+the latency of one answer in :data:`SAMPLE_EVERY` (timing them all would
+cost the load generator's single core more than the sample is worth; null
+when no answer was sampled).
 
 :class:`KeepAliveClient` is also what the propagation test polls backends with.
 """
@@ -27,6 +30,16 @@ from collections.abc import Sequence
 from typing import Any
 
 REQUEST = b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+SAMPLE_EVERY = 10
+"""Of the answers, the one in this many whose latency is measured."""
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * fraction // 1))
+    return ordered[int(rank) - 1]
 
 
 class KeepAliveClient(asyncio.Protocol):
@@ -105,6 +118,7 @@ async def load(
     codes: collections.Counter[int] = collections.Counter()
     errors = 0
     sent = 0
+    latencies: list[float] = []
     clients = [
         await KeepAliveClient.connect(ports[i % len(ports)]) for i in range(connections)
     ]
@@ -115,11 +129,15 @@ async def load(
         nonlocal errors, sent
         while sent < max_requests and time.monotonic() < deadline:
             sent += 1
+            sampled = sent % SAMPLE_EVERY == 0
+            begun = time.perf_counter() if sampled else 0.0
             try:
                 code = await client.get()
             except (OSError, ConnectionError):
                 errors += 1
                 return
+            if sampled:
+                latencies.append(time.perf_counter() - begun)
             codes[code] += 1
 
     try:
@@ -135,6 +153,7 @@ async def load(
         "seconds": seconds,
         "codes": {str(code): count for code, count in sorted(codes.items())},
         "errors": errors,
+        "p99_ms": percentile(latencies, 0.99) * 1000 if latencies else None,
     }
 
 

@@ -127,7 +127,7 @@ def render(
     ]
     plain = memory.get("plain")
     rows = []
-    for kind in ("plain", "plain-import", "seed", "poll", "watch"):
+    for kind in LABELS:
         m = memory.get(kind)
         if m is None and kind not in after:
             continue

@@ -26,12 +26,11 @@ from bench.common import (
     clean_env,
     consul_api,
     die_with_parent,
-    percentile,
     progress,
     start_backends,
     table,
 )
-from bench.loadgen import KeepAliveClient
+from bench.loadgen import KeepAliveClient, percentile
 
 TARGET_MS = {4: 25.0, 16: 50.0}
 
