@@ -34,7 +34,6 @@ import ipaddress
 import logging
 import socket
 import ssl
-import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -705,8 +704,9 @@ class ConsulClient:
         """Remove a service (and its check) from the agent.
 
         A service the agent does not know is already gone: not an error.
+        The ID goes as it is: python-consul2 quotes the path itself.
         """
-        await self.agent.service.deregister(urllib.parse.quote(service_id, safe=""))
+        await self.agent.service.deregister(service_id)
 
     def close(self) -> None:
         """Close the connection now, ending a blocking query still waiting.
