@@ -49,6 +49,13 @@ RESERVED = frozenset({"application", "process"})
 NO_RESULT = "no result yet"
 """The reason a check that fails closed gives before its first result."""
 
+UNCAUGHT = (KeyboardInterrupt, SystemExit, asyncio.CancelledError)
+"""What a check, observer or listener may raise through a background task.
+
+Anything else it raises, ``BaseException`` subclasses included, is a failure
+of that one call: the task that made it goes on.
+"""
+
 
 class _Check:
     """One check, how to run it, and what it said last."""

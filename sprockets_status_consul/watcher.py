@@ -466,8 +466,12 @@ class ConsulWatcher:
                     delay = max(delay, _rate_limit(started))
                 await asyncio.sleep(delay)
         finally:
-            # Cancelled by the loop rather than by stop(): close anyway.
+            # Cancelled by the loop rather than by stop(), or ended by what it
+            # let through: close anyway, and end the other sources' loops.
             self._halt()
+            for task in self._tasks:
+                if task is not asyncio.current_task():
+                    task.cancel()
 
     def _wait(self) -> float:
         """The ``wait`` of the next blocking query: the TTL, less some jitter."""
@@ -542,7 +546,14 @@ class ConsulWatcher:
         if self.ready:
             self._ready.set()
         for observer in OBSERVERS:  # what /status answers may have changed
-            observer(self)
+            try:
+                observer(self)
+            except checks.UNCAUGHT:
+                raise
+            except BaseException as error:  # never into the watcher's loop
+                if type(error) not in self._tracebacks:
+                    self._tracebacks.add(type(error))
+                    LOGGER.error("a watcher observer failed", exc_info=error)
 
     def _compute(self, now: float) -> st.ConsulStatus:
         settings = self.settings

@@ -352,6 +352,61 @@ def test_a_cancelled_loop_closes_the_client() -> None:
     assert consul.closed
 
 
+class Abort(BaseException):
+    """Not an Exception: what ``except Exception`` lets through."""
+
+
+class ScriptedKeyConsul(ScriptedConsul):
+    """Also answers the key source, with a query that never returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.key_calls = 0
+
+    async def kv_value(
+        self, key: str, index: int = 0, wait: float | None = None
+    ) -> tuple[int, bytes | None]:
+        self.key_calls += 1
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+def test_a_source_loop_that_ends_ends_the_others() -> None:
+    async def main() -> None:
+        consul = ScriptedKeyConsul()
+        watcher = ConsulWatcher(Settings(key="k"), client=consul)  # type: ignore[arg-type]
+        watcher.start()
+        tasks = list(watcher._tasks)
+        await until(lambda: consul.key_calls == 1)
+        consul.fail(Abort())
+        await until(lambda: all(task.done() for task in tasks))
+        assert watcher.status().consul == st.STOPPED
+        await watcher.stop()
+
+    asyncio.run(main())
+
+
+def test_an_observer_raising_a_base_exception_is_logged_once(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def observer(watcher: ConsulWatcher) -> None:
+        raise Abort("observer bug")
+
+    monkeypatch.setattr(watcher_module, "OBSERVERS", [observer])
+
+    async def test(watcher: ConsulWatcher, consul: ScriptedConsul) -> None:
+        consul.answer(3)
+        consul.answer(4, maint())
+        await until(lambda: watcher.status().status == st.MAINTENANCE)
+        assert watcher.running
+
+    with caplog.at_level(logging.ERROR, logger="sprockets_status_consul"):
+        run(test)
+    assert [str(r.exc_info[1]) for r in caplog.records if r.exc_info] == [
+        "observer bug"
+    ]
+
+
 def test_fail_closed_tolerates_one_ttl_from_the_start_of_the_outage() -> None:
     """However late in a blocking wait Consul fails, the grace is a whole TTL."""
 
