@@ -105,7 +105,9 @@ class _Check:
             return "cancelled"
         try:
             healthy = call.result()
-        except Exception as error:
+        except UNCAUGHT:
+            raise
+        except BaseException as error:  # whatever it is, the check failed
             return " ".join(str(error).split())[:200] or type(error).__name__
         return "returned False" if healthy is False else None
 
@@ -209,7 +211,9 @@ class Checks:
             for observer in OBSERVERS:
                 try:
                     observer(application)
-                except Exception:  # never into the check's loop
+                except UNCAUGHT:
+                    raise
+                except BaseException:  # never into the check's loop
                     LOGGER.exception("cannot evaluate the status after a check")
             await asyncio.sleep(max(0.0, check.interval - (loop.time() - started)))
 

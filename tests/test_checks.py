@@ -174,6 +174,37 @@ def test_reasons_come_from_the_exception_or_false() -> None:
     run_clean(main)
 
 
+class Abort(BaseException):
+    """Not an Exception: what ``except Exception`` lets through."""
+
+
+def test_a_check_raising_a_base_exception_fails_and_runs_again() -> None:
+    async def main() -> None:
+        app = web.Application()
+        runs = 0
+
+        async def aborts() -> None:
+            nonlocal runs
+            runs += 1
+            if runs == 2:
+                raise Abort("client gave up")
+
+        def aborts_in_thread() -> None:
+            raise Abort("sync client gave up")
+
+        ssc.add_check(app, "db", aborts, interval=0.01)
+        ssc.add_check(app, "cache", aborts_in_thread, interval=0.01)
+        await until(lambda: result(app, "db").message == "client gave up")
+        assert result(app, "db").failing
+        await until(lambda: runs > 3 and not result(app, "db").failing)
+        await until(lambda: result(app, "cache").message == "sync client gave up")
+        assert result(app, "cache").failing
+        await next_result(app, "cache")  # it runs again
+        await stop_and_check_nothing_is_left(app)
+
+    run_clean(main)
+
+
 def test_a_sync_check_runs_in_the_executor() -> None:
     async def main() -> None:
         app = web.Application()
