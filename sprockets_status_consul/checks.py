@@ -22,6 +22,7 @@ request, whichever comes first; :func:`stop` (called by
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 import time
@@ -194,9 +195,12 @@ class Checks:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     def _start(self, check: _Check) -> None:
+        """Run ``check`` in a fresh :class:`contextvars.Context`, as the
+        watcher does, not in the context of the request that started it."""
         assert self._loop is not None
         if not self._stopped:
-            self._tasks.append(self._loop.create_task(self._follow(check)))
+            fresh = contextvars.Context()
+            self._tasks.append(fresh.run(self._loop.create_task, self._follow(check)))
 
     async def _follow(self, check: _Check) -> None:
         loop = asyncio.get_running_loop()

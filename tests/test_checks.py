@@ -7,6 +7,7 @@ ends by checking that no task was left behind (see :func:`run_clean`).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import gc
 import itertools
 import json
@@ -342,6 +343,31 @@ def test_checks_added_before_the_loop_start_with_the_first_request() -> None:
         assert not ran.is_set()
         assert checks.results(app)  # what the first request reads
         await until(lambda: ran.is_set())
+        await stop_and_check_nothing_is_left(app)
+
+    run_clean(main)
+
+
+def test_checks_started_by_a_request_run_in_a_context_of_their_own() -> None:
+    request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+        "request_id", default=None
+    )
+    seen: list[str | None] = []
+
+    async def check() -> None:
+        seen.append(request_id.get())
+
+    app = web.Application()
+    ssc.add_check(app, "db", check, interval=0.01)
+
+    async def main() -> None:
+        async def request() -> None:
+            request_id.set("request-1")
+            checks.results(app)  # what the first request reads
+
+        await asyncio.create_task(request())
+        await until(lambda: len(seen) >= 2)
+        assert seen[:2] == [None, None]
         await stop_and_check_nothing_is_left(app)
 
     run_clean(main)
