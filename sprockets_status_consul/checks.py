@@ -178,8 +178,9 @@ class Checks:
         owner = self._loop
         if owner is not None and not owner.is_closed() and owner.is_running():
             return  # they run on another thread's loop
-        for task in self._tasks:  # left on a loop that will not run again
-            task.cancel()
+        if owner is not None and not owner.is_closed():
+            for task in self._tasks:  # left on a loop that will not run again
+                task.cancel()
         self._tasks = []
         self._loop = loop
         for check in self._checks.values():

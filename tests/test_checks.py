@@ -373,6 +373,26 @@ def test_checks_started_by_a_request_run_in_a_context_of_their_own() -> None:
     run_clean(main)
 
 
+def test_checks_left_on_a_closed_loop_start_on_the_next() -> None:
+    app = web.Application()
+    ssc.add_check(app, "db", lambda: True, interval=30)
+
+    async def first() -> None:
+        await until(lambda: result(app, "db").time is not None)
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(first())
+    loop.close()  # the check's task still pending, never cancelled
+
+    async def second() -> None:
+        before = result(app, "db")
+        assert checks.results(app)  # what a request reads
+        await until(lambda: result(app, "db") is not before)
+        await stop_and_check_nothing_is_left(app)
+
+    asyncio.run(second())
+
+
 def test_bad_arguments_are_refused_with_the_name() -> None:
     app = web.Application()
 
