@@ -33,6 +33,7 @@ from typing import Any
 from tornado import web
 
 from . import status as st
+from .loops import stop_on_owner
 
 LOGGER = logging.getLogger(__name__)
 
@@ -186,6 +187,14 @@ class Checks:
         for check in self._checks.values():
             self._start(check)
 
+    def abandon(self) -> None:
+        """Stop without awaiting: for checks whose loop will not run again."""
+        self._stopped = True
+        tasks, self._tasks = self._tasks, []
+        if self._loop is not None and not self._loop.is_closed():
+            for task in tasks:
+                task.cancel()
+
     async def stop(self) -> None:
         """Cancel the checks' runs and wait until they are gone."""
         self._stopped = True
@@ -318,10 +327,13 @@ def start(application: web.Application) -> None:
 
 
 async def stop(application: web.Application) -> None:
-    """Stop running the application's checks; their last results remain."""
+    """Stop running the application's checks; their last results remain.
+
+    It may be awaited on any loop (see :func:`.loops.stop_on_owner`).
+    """
     checks = _CHECKS.get(application)
     if checks is not None:
-        await checks.stop()
+        await stop_on_owner(checks._loop, checks.stop, checks.abandon)
 
 
 def applications() -> Iterator[web.Application]:

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from tornado import web
 
+from sprockets_status_consul import checks
 from sprockets_status_consul import status as st
 from sprockets_status_consul import watcher as watcher_module
 from sprockets_status_consul.settings import Settings, SettingsError
@@ -501,6 +502,58 @@ def test_a_watcher_that_fails_to_start_is_logged_once_and_tried_again(
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1
     assert "cannot start following Consul" in errors[0].getMessage()
+
+
+def scripted_app_with_a_check(consul: ScriptedConsul) -> web.Application:
+    app = web.Application()
+    watcher_module._WATCHERS[app] = ConsulWatcher(Settings(), client=consul)  # type: ignore[arg-type]
+    checks.add_check(app, "db", lambda: True, interval=30)
+    return app
+
+
+async def started(app: web.Application, consul: ScriptedConsul) -> ConsulWatcher:
+    """The app's watcher and checks, once a query waits and the check ran."""
+    watcher = watcher_module.current(app)
+    checks.start(app)
+    await until(lambda: bool(consul.calls) and checks.results(app)[0].time is not None)
+    return watcher
+
+
+def test_stop_after_the_loop_closed_abandons_the_watcher_and_checks() -> None:
+    app = dead_end_app()
+    checks.add_check(app, "db", lambda: True, interval=30)
+
+    async def start() -> ConsulWatcher:
+        watcher = watcher_module.current(app)
+        checks.start(app)
+        await watcher.wait_ready(5)
+        await until(lambda: checks.results(app)[0].time is not None)
+        return watcher
+
+    loop = asyncio.new_event_loop()
+    watcher = loop.run_until_complete(start())
+    loop.close()  # as an IOLoop does: its tasks are never cancelled
+    asyncio.run(watcher_module.stop(app))
+    assert watcher.status().consul == st.STOPPED
+    assert not checks._CHECKS[app]._tasks
+
+
+def test_stop_on_another_loop_stops_on_the_watchers_own() -> None:
+    consul = ScriptedConsul()
+    app = scripted_app_with_a_check(consul)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        watcher = asyncio.run_coroutine_threadsafe(started(app, consul), loop).result(5)
+        tasks = [*watcher._tasks, *checks._CHECKS[app]._tasks]
+        asyncio.run(asyncio.wait_for(watcher_module.stop(app), 5))
+        assert all(task.done() for task in tasks)
+        assert consul.closed
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
 
 
 def test_after_stop_the_last_state_is_answered_and_nothing_starts() -> None:
