@@ -22,6 +22,7 @@ from sprockets_status_consul.registration import (
     Registration,
     duration_text,
 )
+from sprockets_status_consul.transport import ConsulTimeout
 
 
 def resolve(register: Any, **config: Any) -> Settings:
@@ -286,6 +287,38 @@ def test_a_registration_in_flight_at_shutdown_is_withdrawn() -> None:
             await asyncio.sleep(0.001)
         await registrar.withdraw()
         assert registrar.state == "withdrawn"
+
+    asyncio.run(asyncio.wait_for(main(), 5))
+    assert calls == [("register", register.id), ("deregister", register.id)]
+
+
+def test_a_registration_that_timed_out_is_withdrawn_all_the_same() -> None:
+    register = resolve({"name": "web", "port": 8000, "address": "127.0.0.1"}).register
+    assert register is not None
+    calls: list[tuple[str, str]] = []
+
+    class Agent:
+        """Stands in for ConsulClient: it takes the PUT, the answer times out."""
+
+        settings = Settings.from_mapping({}, environ={})
+
+        async def register_service(
+            self, name: str, service_id: str, *_: Any, **__: Any
+        ) -> None:
+            calls.append(("register", service_id))
+            raise ConsulTimeout("no answer from the agent")
+
+        async def deregister_service(self, service_id: str) -> None:
+            calls.append(("deregister", service_id))
+
+    async def main() -> None:
+        registrar = Registrar(register, retry_max=60.0, agent="http://127.0.0.1:8500")
+        registrar.start(Agent())  # type: ignore[arg-type]
+        while not calls:
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0)  # the failure is recorded; a retry waits
+        assert registrar.state == "new"
+        await registrar.withdraw()
 
     asyncio.run(asyncio.wait_for(main(), 5))
     assert calls == [("register", register.id), ("deregister", register.id)]
