@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import gc
 import itertools
 import logging
@@ -18,6 +19,7 @@ import pathlib
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -744,6 +746,29 @@ def test_a_collected_application_ends_its_watcher(consul_agent: AgentBase) -> No
         await until(lambda: all(task.done() for task in tasks), timeout=5)
         await until(lambda: connections_to(port) == before, timeout=5)
         assert watcher.status().consul == st.STOPPED
+
+    asyncio.run(main())
+
+
+def test_an_application_its_check_refers_to_needs_stop() -> None:
+    """What the README says: a check closing over the application keeps it
+    alive, so only stop(app) ends its watcher."""
+
+    async def main() -> None:
+        app = dead_end_app()
+
+        def check(application: web.Application) -> bool:
+            return bool(application.settings)
+
+        checks.add_check(app, "self", functools.partial(check, app), interval=30)
+        watcher = watcher_module.watch(app)
+        alive = weakref.ref(app)
+        del app
+        gc.collect()
+        application = alive()
+        assert application is not None and watcher.running
+        await watcher_module.stop(application)
+        assert not watcher.running
 
     asyncio.run(main())
 
