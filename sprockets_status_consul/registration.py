@@ -39,7 +39,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .settings import SETTING, SettingsError, is_host
-from .transport import Check, ConsulClient, ConsulError
+from .transport import Check, ConsulClient, ConsulError, ConsulTimeout
 
 LOGGER = logging.getLogger(__name__)
 
@@ -345,7 +345,8 @@ class Registrar:
         self._wanted: asyncio.Event | None = None
         self._error: str | None = None
         self._lost_at: float | None = None
-        self._sent = False  # a register call went out: it may have reached the agent
+        self._in_flight = False
+        self._timed_out = False  # a register call timed out: it may have arrived
         self._host: str | None = registration.address
 
     def start(self, client: ConsulClient) -> None:
@@ -380,9 +381,13 @@ class Registrar:
         """Deregister, once and for good: the agent stops routing here at once."""
         if self.state == "withdrawn":
             return
-        # A registration that failed (a timeout, say) or is still in flight
-        # may have reached the agent all the same: withdraw it too.
-        registered = self._sent
+        # A registration in flight, or one whose answer timed out, may have
+        # reached the agent all the same: withdraw it too.
+        registered = (
+            self._in_flight
+            or self._timed_out
+            or self.state in ("pending", "seen", "lost")
+        )
         self.state = "withdrawn"
         self.abandon()
         client = self._client
@@ -450,22 +455,28 @@ class Registrar:
                     f"({error.strerror or error}); set register's address"
                 ) from None
         url = registration.check_url(self._host)
-        self._sent = True
-        await client.register_service(
-            registration.name,
-            registration.id,
-            registration.port,
-            address=registration.address,
-            tags=list(registration.tags),
-            meta=dict(registration.meta),
-            check_url=url,
-            interval=duration_text(registration.check_interval),
-            timeout=None
-            if registration.check_timeout is None
-            else duration_text(registration.check_timeout),
-            deregister_after=duration_text(registration.deregister_critical_after),
-            enable_tag_override=registration.enable_tag_override,
-        )
+        self._in_flight = True
+        try:
+            await client.register_service(
+                registration.name,
+                registration.id,
+                registration.port,
+                address=registration.address,
+                tags=list(registration.tags),
+                meta=dict(registration.meta),
+                check_url=url,
+                interval=duration_text(registration.check_interval),
+                timeout=None
+                if registration.check_timeout is None
+                else duration_text(registration.check_timeout),
+                deregister_after=duration_text(registration.deregister_critical_after),
+                enable_tag_override=registration.enable_tag_override,
+            )
+        except ConsulTimeout:
+            self._timed_out = True
+            raise
+        finally:
+            self._in_flight = False
         if self.state == "withdrawn":  # withdrawn while the agent answered
             return
         again = self.state == "lost" or self.registered_at is not None
