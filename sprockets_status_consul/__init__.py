@@ -2,7 +2,7 @@
 
 ``StatusHandler`` is the original ``sprockets.handlers.status`` handler;
 ``ConsulStatusHandler`` answers 503 while Consul has the node in maintenance
-(``consul maint -enable``), following Consul from one watcher per process so
+(``consul maint -enable``), following Consul from one watcher per application so
 that a request never waits on Consul.
 """
 

@@ -62,7 +62,9 @@ class _Listener:
             old, new = self.pending.popleft()
             try:
                 result = self.callback(old, new)
-            except Exception:
+            except checks.UNCAUGHT:
+                raise
+            except BaseException:
                 self._failed()
                 continue
             if inspect.isawaitable(result):
@@ -74,7 +76,9 @@ class _Listener:
         try:
             await awaitable
             self.failing = False
-        except Exception:
+        except checks.UNCAUGHT:
+            raise
+        except BaseException:
             self._failed()
         finally:
             self.task = None

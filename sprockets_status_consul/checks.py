@@ -22,6 +22,7 @@ request, whichever comes first; :func:`stop` (called by
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 import time
@@ -32,6 +33,7 @@ from typing import Any
 from tornado import web
 
 from . import status as st
+from .loops import stop_on_owner
 
 LOGGER = logging.getLogger(__name__)
 
@@ -48,6 +50,13 @@ RESERVED = frozenset({"application", "process"})
 
 NO_RESULT = "no result yet"
 """The reason a check that fails closed gives before its first result."""
+
+UNCAUGHT = (KeyboardInterrupt, SystemExit, asyncio.CancelledError)
+"""What a check, observer or listener may raise through a background task.
+
+Anything else it raises, ``BaseException`` subclasses included, is a failure
+of that one call: the task that made it goes on.
+"""
 
 
 class _Check:
@@ -98,7 +107,9 @@ class _Check:
             return "cancelled"
         try:
             healthy = call.result()
-        except Exception as error:
+        except UNCAUGHT:
+            raise
+        except BaseException as error:  # whatever it is, the check failed
             return " ".join(str(error).split())[:200] or type(error).__name__
         return "returned False" if healthy is False else None
 
@@ -168,12 +179,21 @@ class Checks:
         owner = self._loop
         if owner is not None and not owner.is_closed() and owner.is_running():
             return  # they run on another thread's loop
-        for task in self._tasks:  # left on a loop that will not run again
-            task.cancel()
+        if owner is not None and not owner.is_closed():
+            for task in self._tasks:  # left on a loop that will not run again
+                task.cancel()
         self._tasks = []
         self._loop = loop
         for check in self._checks.values():
             self._start(check)
+
+    def abandon(self) -> None:
+        """Stop without awaiting: for checks whose loop will not run again."""
+        self._stopped = True
+        tasks, self._tasks = self._tasks, []
+        if self._loop is not None and not self._loop.is_closed():
+            for task in tasks:
+                task.cancel()
 
     async def stop(self) -> None:
         """Cancel the checks' runs and wait until they are gone."""
@@ -185,9 +205,12 @@ class Checks:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     def _start(self, check: _Check) -> None:
+        """Run ``check`` in a fresh :class:`contextvars.Context`, as the
+        watcher does, not in the context of the request that started it."""
         assert self._loop is not None
         if not self._stopped:
-            self._tasks.append(self._loop.create_task(self._follow(check)))
+            fresh = contextvars.Context()
+            self._tasks.append(fresh.run(self._loop.create_task, self._follow(check)))
 
     async def _follow(self, check: _Check) -> None:
         loop = asyncio.get_running_loop()
@@ -202,7 +225,9 @@ class Checks:
             for observer in OBSERVERS:
                 try:
                     observer(application)
-                except Exception:  # never into the check's loop
+                except UNCAUGHT:
+                    raise
+                except BaseException:  # never into the check's loop
                     LOGGER.exception("cannot evaluate the status after a check")
             await asyncio.sleep(max(0.0, check.interval - (loop.time() - started)))
 
@@ -302,10 +327,13 @@ def start(application: web.Application) -> None:
 
 
 async def stop(application: web.Application) -> None:
-    """Stop running the application's checks; their last results remain."""
+    """Stop running the application's checks; their last results remain.
+
+    It may be awaited on any loop (see :func:`.loops.stop_on_owner`).
+    """
     checks = _CHECKS.get(application)
     if checks is not None:
-        await checks.stop()
+        await stop_on_owner(checks._loop, checks.stop, checks.abandon)
 
 
 def applications() -> Iterator[web.Application]:

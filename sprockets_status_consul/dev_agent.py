@@ -56,16 +56,22 @@ class ConsulAgentError(RuntimeError):
     (for an agent that did not start, with the tail of its log)."""
 
 
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+"""Talks to the agent on loopback directly, whatever ``$http_proxy`` says."""
+
+
+def _executable(path: str, what: str) -> str:
+    if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+        raise ConsulAgentError(f"{what}={path!r} is not an executable file")
+    return path
+
+
 def find_consul_binary() -> str | None:
     """``$CONSUL_BINARY`` (which must be an executable file), else ``consul``
     on ``$PATH``, else ``None``."""
     explicit = os.environ.get("CONSUL_BINARY")
     if explicit:
-        if not (os.path.isfile(explicit) and os.access(explicit, os.X_OK)):
-            raise ConsulAgentError(
-                f"CONSUL_BINARY={explicit!r} is not an executable file"
-            )
-        return explicit
+        return _executable(explicit, "CONSUL_BINARY")
     return shutil.which("consul")
 
 
@@ -103,7 +109,7 @@ class ConsulDevAgent:
         startup_timeout: float = 15.0,
         die_with_parent: bool = True,
     ) -> None:
-        found = binary or find_consul_binary()
+        found = _executable(binary, "binary") if binary else find_consul_binary()
         if found is None:
             raise ConsulAgentError(
                 "no consul binary: set CONSUL_BINARY or put consul on PATH"
@@ -251,7 +257,7 @@ class ConsulDevAgent:
         if self.token:
             request.add_header("X-Consul-Token", self.token)
         try:
-            with urllib.request.urlopen(request, timeout=2.0) as response:
+            with _DIRECT.open(request, timeout=2.0) as response:
                 return response.status, response.read()
         except urllib.error.HTTPError as exc:
             with exc:

@@ -32,6 +32,7 @@ This module imports ``prometheus_client``; the rest of the package does not.
 
 from __future__ import annotations
 
+import gc
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -69,8 +70,13 @@ class StatusCollector:
         self._application = weakref.ref(application)
         changes.follow(application)  # so that changes are counted
 
+    @property
+    def application(self) -> web.Application | None:
+        """The application, while it is alive."""
+        return self._application()
+
     def collect(self) -> Iterator[Metric]:
-        application = self._application()
+        application = self.application
         if application is None:
             return
         answer = changes.current(application)
@@ -130,23 +136,54 @@ class StatusCollector:
         yield duration
 
 
-_REGISTERED: weakref.WeakKeyDictionary[web.Application, list[CollectorRegistry]] = (
+_EXPORTED: weakref.WeakKeyDictionary[CollectorRegistry, StatusCollector] = (
     weakref.WeakKeyDictionary()
 )
+"""The collector each registry exports: one application per registry."""
 
 
 def register(
     application: web.Application, registry: CollectorRegistry | None = None
 ) -> None:
     """Export the application's metrics in ``registry`` (by default
-    ``prometheus_client``'s); idempotent. One application per registry:
-    the metrics have no label to tell two apart."""
+    ``prometheus_client``'s); idempotent.
+
+    One application per registry: the metrics have no label to tell two
+    apart. An application's metrics leave the registry when it is
+    garbage-collected, so the next application (the next test's, say) can
+    register there.
+
+    :raises ValueError: when another application, still alive, exports its
+        metrics in ``registry``.
+    """
     registry = prometheus_client.REGISTRY if registry is None else registry
-    registries = _REGISTERED.setdefault(application, [])
-    if any(known is registry for known in registries):
+    exported = _EXPORTED.get(registry)
+    if exported is not None and exported.application is not application:
+        # An application from a finished test may wait for the cycle collector.
+        gc.collect()
+        exported = _EXPORTED.get(registry)
+    if exported is not None:
+        if exported.application is application:
+            return
+        raise ValueError(
+            "the registry already exports the metrics of another application; "
+            "give each application its own CollectorRegistry"
+        )
+    collector = StatusCollector(application)
+    registry.register(collector)
+    _EXPORTED[registry] = collector
+    weakref.finalize(application, _unregister, weakref.ref(registry), collector)
+
+
+def _unregister(
+    registry_ref: weakref.ref[CollectorRegistry], collector: StatusCollector
+) -> None:
+    """Take a collected application's metrics out of its registry."""
+    registry = registry_ref()
+    if registry is None or _EXPORTED.get(registry) is not collector:
         return
-    registry.register(StatusCollector(application))
-    registries.append(registry)
+    del _EXPORTED[registry]
+    registry.unregister(collector)
 
 
 class MetricsHandler(web.RequestHandler):

@@ -35,11 +35,11 @@ import secrets
 import socket
 import time
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .settings import SETTING, SettingsError
-from .transport import Check, ConsulClient, ConsulError
+from .settings import SETTING, SettingsError, is_host
+from .transport import Check, ConsulClient, ConsulError, ConsulTimeout
 
 LOGGER = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class Registration:
 
     name: str
     port: int
-    id: str
+    id: str = ""  # empty: a default unique per process, see default_id()
     address: str | None = None
     tags: tuple[str, ...] = ()
     meta: Mapping[str, str] = dataclasses.field(
@@ -105,6 +105,60 @@ class Registration:
     check_timeout: float | None = None
     deregister_critical_after: float = MIN_DEREGISTER_AFTER
     enable_tag_override: bool = False
+
+    def __post_init__(self) -> None:
+        """Check every field, however the registration is made.
+
+        :raises SettingsError: naming the field whose value is unusable.
+        """
+        name = self._field("name", _identifier, True)
+        port = self.port
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise _FieldError(
+                "port",
+                " must be the port the application listens on "
+                f"(1 to 65535), got {port!r}",
+            )
+        values = {
+            "name": name,
+            "id": self._field("id", _identifier) if self.id else default_id(name, port),
+            "address": None
+            if self.address is None
+            else self._field("address", _address),
+            "tags": self._field("tags", _tags),
+            "meta": self._field("meta", _meta),
+            "check_path": self._field("check_path", _path),
+            "check_interval": self._field(
+                "check_interval",
+                _duration,
+                MIN_CHECK_INTERVAL,
+                "Consul's shortest check interval",
+            ),
+            "check_timeout": None
+            if self.check_timeout is None
+            else self._field("check_timeout", _duration, 0.001, "1 ms"),
+            "deregister_critical_after": self._field(
+                "deregister_critical_after",
+                _duration,
+                MIN_DEREGISTER_AFTER,
+                "Consul's shortest",
+            ),
+        }
+        if not isinstance(self.enable_tag_override, bool):
+            raise _FieldError(
+                "enable_tag_override",
+                f" must be true or false, got {self.enable_tag_override!r}",
+            )
+        for field, value in values.items():
+            object.__setattr__(self, field, value)
+
+    def _field(self, field: str, check: Callable[..., Any], *args: Any) -> Any:
+        """``check(value, origin, *args)`` for one field, its error named."""
+        origin = f"Registration.{field}"
+        try:
+            return check(getattr(self, field), origin, *args)
+        except SettingsError as error:
+            raise _FieldError(field, str(error)[len(origin) :]) from None
 
     @property
     def check_id(self) -> str:
@@ -135,69 +189,20 @@ class Registration:
                 f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
                 f"known keys are {', '.join(sorted(_KEYS))}"
             )
+        given = {key: value for key, value in config.items() if value is not None}
+        try:
+            return cls(**{"name": None, "port": None, **given})
+        except _FieldError as error:
+            raise SettingsError(f"{where}[{error.field!r}]{error.problem}") from None
 
-        def origin(key: str) -> str:
-            return f"{where}[{key!r}]"
 
-        def get(key: str) -> Any:
-            return config.get(key)
+class _FieldError(SettingsError):
+    """A field of :class:`Registration` is unusable; ``problem`` follows its name."""
 
-        name = _identifier(get("name"), origin("name"), required=True)
-        port = get("port")
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-            raise SettingsError(
-                f"{origin('port')} must be the port the application listens on "
-                f"(1 to 65535), got {port!r}"
-            )
-        service_id = _identifier(get("id"), origin("id")) or default_id(name, port)
-        address = get("address")
-        if address is not None and (not isinstance(address, str) or not address):
-            raise SettingsError(
-                f"{origin('address')} must be a host name or IP address, "
-                f"got {address!r}"
-            )
-        check_path = get("check_path")
-        if check_path is None:
-            check_path = cls.check_path
-        elif not isinstance(check_path, str) or not check_path.startswith("/"):
-            raise SettingsError(
-                f"{origin('check_path')} must be a path starting with '/', "
-                f"got {check_path!r}"
-            )
-        override = get("enable_tag_override")
-        if override is not None and not isinstance(override, bool):
-            raise SettingsError(
-                f"{origin('enable_tag_override')} must be true or false, "
-                f"got {override!r}"
-            )
-        timeout = get("check_timeout")
-        return cls(
-            name=name,
-            port=port,
-            id=service_id,
-            address=address.strip() if address else None,
-            tags=_tags(get("tags"), origin("tags")),
-            meta=_meta(get("meta"), origin("meta")),
-            check_path=check_path,
-            check_interval=_duration(
-                get("check_interval"),
-                origin("check_interval"),
-                cls.check_interval,
-                MIN_CHECK_INTERVAL,
-                "Consul's shortest check interval",
-            ),
-            check_timeout=None
-            if timeout is None
-            else _duration(timeout, origin("check_timeout"), 0.0, 0.001, "1 ms"),
-            deregister_critical_after=_duration(
-                get("deregister_critical_after"),
-                origin("deregister_critical_after"),
-                cls.deregister_critical_after,
-                MIN_DEREGISTER_AFTER,
-                "Consul's shortest",
-            ),
-            enable_tag_override=bool(override),
-        )
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"Registration.{field}{problem}")
+        self.field = field
+        self.problem = problem
 
 
 def default_id(name: str, port: int) -> str:
@@ -228,6 +233,29 @@ def _identifier(value: Any, origin: str, required: bool = False) -> str:
             f"got {value!r}"
         )
     return value.strip()
+
+
+def _address(value: Any, origin: str) -> str:
+    host = value.strip() if isinstance(value, str) else value
+    if not is_host(host):
+        raise SettingsError(
+            f"{origin} must be a host name or IP address (no port, no brackets), "
+            f"got {value!r}"
+        )
+    return str(host)
+
+
+def _path(value: Any, origin: str) -> str:
+    if (
+        not isinstance(value, str)
+        or not value.startswith("/")
+        or any(c.isspace() for c in value)
+    ):
+        raise SettingsError(
+            f"{origin} must be a path starting with '/', without spaces, "
+            f"got {value!r}"
+        )
+    return value
 
 
 def _tags(value: Any, origin: str) -> tuple[str, ...]:
@@ -262,12 +290,8 @@ def _meta(value: Any, origin: str) -> Mapping[str, str]:
     return types.MappingProxyType(dict(value))
 
 
-def _duration(
-    value: Any, origin: str, default: float, minimum: float, why: str
-) -> float:
+def _duration(value: Any, origin: str, minimum: float, why: str) -> float:
     """Seconds from a number of seconds or a Go duration string (``"1m30s"``)."""
-    if value is None:
-        return default
     if isinstance(value, str):
         text = value.strip()
         parts = _DURATION.findall(text)
@@ -322,6 +346,7 @@ class Registrar:
         self._error: str | None = None
         self._lost_at: float | None = None
         self._in_flight = False
+        self._timed_out = False  # a register call timed out: it may have arrived
         self._host: str | None = registration.address
 
     def start(self, client: ConsulClient) -> None:
@@ -356,8 +381,13 @@ class Registrar:
         """Deregister, once and for good: the agent stops routing here at once."""
         if self.state == "withdrawn":
             return
-        # A registration in flight may have reached the agent: withdraw it too.
-        registered = self._in_flight or self.state in ("pending", "seen", "lost")
+        # A registration in flight, or one whose answer timed out, may have
+        # reached the agent all the same: withdraw it too.
+        registered = (
+            self._in_flight
+            or self._timed_out
+            or self.state in ("pending", "seen", "lost")
+        )
         self.state = "withdrawn"
         self.abandon()
         client = self._client
@@ -442,6 +472,9 @@ class Registrar:
                 deregister_after=duration_text(registration.deregister_critical_after),
                 enable_tag_override=registration.enable_tag_override,
             )
+        except ConsulTimeout:
+            self._timed_out = True
+            raise
         finally:
             self._in_flight = False
         if self.state == "withdrawn":  # withdrawn while the agent answered

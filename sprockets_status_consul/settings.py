@@ -12,6 +12,7 @@ variable) it came from. The token is never part of a message or a ``repr``.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import re
@@ -76,6 +77,14 @@ class Settings:
 
     def __post_init__(self) -> None:
         """Check every field: the one place the rules live."""
+        from .registration import Registration  # it imports this module
+
+        if self.register is not None and not isinstance(self.register, Registration):
+            raise _FieldError(
+                "register",
+                "must be a Registration (a dict only in the consul_status "
+                f"setting), not {type(self.register).__name__}",
+            )
         if self.register is not None and self.service is None:
             # A registered instance follows its own service maintenance.
             object.__setattr__(self, "service", self.register.id)
@@ -204,8 +213,12 @@ def _problems(settings: Settings) -> Iterator[tuple[str, str]]:
     """What is wrong with ``settings``: (field, problem) pairs, in field order."""
     if settings.scheme not in ("http", "https"):
         yield "scheme", f"must be 'http' or 'https', got {settings.scheme!r}"
-    if not isinstance(settings.host, str) or not settings.host:
-        yield "host", "must be a host name or an IP address"
+    if not is_host(settings.host):
+        yield (
+            "host",
+            "must be a host name or an IP address (no port, no brackets), "
+            f"got {settings.host!r}",
+        )
     port = settings.port
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         yield "port", f"must name a port from 1 to 65535, got {port!r}"
@@ -374,6 +387,21 @@ class _Reader:
             self.origins["token"] = f"{origin} ({value!r})"
             return token
         return None
+
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def is_host(value: Any) -> bool:
+    """Whether ``value`` is an IP address or a host name, nothing around it."""
+    if not isinstance(value, str) or not value or len(value) > 253:
+        return False
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        labels = value.removesuffix(".").split(".")
+        return all(_HOST_LABEL.fullmatch(label) for label in labels)
+    return True
 
 
 def _token_problem(token: str) -> str | None:

@@ -34,8 +34,7 @@ import ipaddress
 import logging
 import socket
 import ssl
-import urllib.parse
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
 import consul
@@ -292,9 +291,12 @@ class _Connection:
         """The TLS settings, made on first use (a bad file fails a request)."""
         if self._tls is None:
             settings = self.settings
-            context = ssl.create_default_context(cafile=settings.ca_file)
+            with _loading("ca_file, CONSUL_CACERT", settings.ca_file):
+                context = ssl.create_default_context(cafile=settings.ca_file)
             if settings.cert_file is not None:
-                context.load_cert_chain(settings.cert_file, settings.key_file)
+                pair = f"{settings.cert_file} / {settings.key_file}"
+                with _loading("cert_file / key_file", pair):
+                    context.load_cert_chain(settings.cert_file, settings.key_file)
             if not settings.verify:
                 context.check_hostname = False
                 context.verify_mode = ssl.CERT_NONE
@@ -705,8 +707,9 @@ class ConsulClient:
         """Remove a service (and its check) from the agent.
 
         A service the agent does not know is already gone: not an error.
+        The ID goes as it is: python-consul2 quotes the path itself.
         """
-        await self.agent.service.deregister(urllib.parse.quote(service_id, safe=""))
+        await self.agent.service.deregister(service_id)
 
     def close(self) -> None:
         """Close the connection now, ending a blocking query still waiting.
@@ -714,6 +717,19 @@ class ConsulClient:
         A later call opens a new one.
         """
         self.http.close()
+
+
+@contextlib.contextmanager
+def _loading(setting: str, path: str | None) -> Iterator[None]:
+    """A TLS file that cannot be loaded is a ConsulError naming the setting
+    (or its environment variable), not a Consul agent that cannot be reached."""
+    try:
+        yield
+    except (OSError, ssl.SSLError) as error:  # SSLError: not a usable PEM file
+        reason = getattr(error, "strerror", None) or getattr(error, "reason", None)
+        raise ConsulError(
+            f"cannot load the TLS file(s) of {setting} ({path}): {reason or error}"
+        ) from None
 
 
 def _index(raw: Any, path: str) -> int:

@@ -46,6 +46,7 @@ from tornado import web
 
 from . import checks
 from . import status as st
+from .loops import stop_on_owner
 from .registration import Registrar
 from .settings import FAIL_CLOSED, SETTING, Settings, SettingsError, resolve
 from .transport import Check, ConsulClient, ConsulError, ConsulTimeout
@@ -432,8 +433,14 @@ class ConsulWatcher:
                     delay = max(delay, _rate_limit(started))
                 await asyncio.sleep(delay)
         finally:
-            # Cancelled by the loop rather than by stop(): close anyway.
+            # Cancelled by the loop rather than by stop(), or ended by what it
+            # let through: close anyway, and end the other sources' loops.
             self._halt()
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                for task in self._tasks:
+                    if task is not asyncio.current_task(loop):
+                        task.cancel()
 
     def _wait(self) -> float:
         """The ``wait`` of the next blocking query: the TTL, less some jitter."""
@@ -509,7 +516,14 @@ class ConsulWatcher:
         if self.ready:
             self._ready.set()
         for observer in OBSERVERS:  # what /status answers may have changed
-            observer(self)
+            try:
+                observer(self)
+            except checks.UNCAUGHT:
+                raise
+            except BaseException as error:  # never into the watcher's loop
+                if type(error) not in self._tracebacks:
+                    self._tracebacks.add(type(error))
+                    LOGGER.error("a watcher observer failed", exc_info=error)
 
     def _compute(self, now: float) -> st.ConsulStatus:
         settings = self.settings
@@ -739,12 +753,14 @@ async def stop(application: web.Application) -> None:
 
     Requests go on answering the last known state, with ``consul``
     :data:`~.status.STOPPED`; only :func:`watch` starts a new watcher.
+    It may be awaited on any loop: the watcher stops on its own (on a loop
+    that is closed or not running it is abandoned, without deregistering).
     """
     state = _state(application)
     state.stopped = True
     watcher = _WATCHERS.get(application)
     if watcher is not None:
-        await watcher.stop()
+        await stop_on_owner(watcher._loop, watcher.stop, watcher.abandon)
     await checks.stop(application)
 
 

@@ -249,3 +249,33 @@ def test_fail_closed_going_stale_is_noticed_at_a_retry() -> None:
         await ssc.stop(app)
 
     run_clean(main)
+
+
+class Abort(BaseException):
+    """Not an Exception: what ``except Exception`` lets through."""
+
+
+def test_a_listener_raising_a_base_exception_stops_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def main() -> None:
+        app, consul, watcher = scripted_app()
+
+        def broken(old: st.Answer, new: st.Answer) -> None:
+            raise Abort("listener bug")
+
+        recorder = Recorder()
+        ssc.on_change(app, broken)
+        ssc.on_change(app, recorder)
+        watcher.start()
+        for told in range(1, 3):
+            consul.answer(told + 2, *([maint()] if told % 2 else []))
+            await until(lambda: len(recorder.calls) == told)  # noqa: B023
+        assert watcher.running
+        assert watcher.status().consul == st.CONNECTED
+        await ssc.stop(app)
+
+    with caplog.at_level(logging.ERROR, logger="sprockets_status_consul"):
+        run_clean(main)
+    failures = [r for r in caplog.records if "listener" in r.getMessage()]
+    assert len(failures) == 1, [r.getMessage() for r in failures]

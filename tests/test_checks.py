@@ -7,6 +7,7 @@ ends by checking that no task was left behind (see :func:`run_clean`).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import gc
 import itertools
 import json
@@ -174,6 +175,37 @@ def test_reasons_come_from_the_exception_or_false() -> None:
     run_clean(main)
 
 
+class Abort(BaseException):
+    """Not an Exception: what ``except Exception`` lets through."""
+
+
+def test_a_check_raising_a_base_exception_fails_and_runs_again() -> None:
+    async def main() -> None:
+        app = web.Application()
+        runs = 0
+
+        async def aborts() -> None:
+            nonlocal runs
+            runs += 1
+            if runs == 2:
+                raise Abort("client gave up")
+
+        def aborts_in_thread() -> None:
+            raise Abort("sync client gave up")
+
+        ssc.add_check(app, "db", aborts, interval=0.01)
+        ssc.add_check(app, "cache", aborts_in_thread, interval=0.01)
+        await until(lambda: result(app, "db").message == "client gave up")
+        assert result(app, "db").failing
+        await until(lambda: runs > 3 and not result(app, "db").failing)
+        await until(lambda: result(app, "cache").message == "sync client gave up")
+        assert result(app, "cache").failing
+        await next_result(app, "cache")  # it runs again
+        await stop_and_check_nothing_is_left(app)
+
+    run_clean(main)
+
+
 def test_a_sync_check_runs_in_the_executor() -> None:
     async def main() -> None:
         app = web.Application()
@@ -314,6 +346,51 @@ def test_checks_added_before_the_loop_start_with_the_first_request() -> None:
         await stop_and_check_nothing_is_left(app)
 
     run_clean(main)
+
+
+def test_checks_started_by_a_request_run_in_a_context_of_their_own() -> None:
+    request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+        "request_id", default=None
+    )
+    seen: list[str | None] = []
+
+    async def check() -> None:
+        seen.append(request_id.get())
+
+    app = web.Application()
+    ssc.add_check(app, "db", check, interval=0.01)
+
+    async def main() -> None:
+        async def request() -> None:
+            request_id.set("request-1")
+            checks.results(app)  # what the first request reads
+
+        await asyncio.create_task(request())
+        await until(lambda: len(seen) >= 2)
+        assert seen[:2] == [None, None]
+        await stop_and_check_nothing_is_left(app)
+
+    run_clean(main)
+
+
+def test_checks_left_on_a_closed_loop_start_on_the_next() -> None:
+    app = web.Application()
+    ssc.add_check(app, "db", lambda: True, interval=30)
+
+    async def first() -> None:
+        await until(lambda: result(app, "db").time is not None)
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(first())
+    loop.close()  # the check's task still pending, never cancelled
+
+    async def second() -> None:
+        before = result(app, "db")
+        assert checks.results(app)  # what a request reads
+        await until(lambda: result(app, "db") is not before)
+        await stop_and_check_nothing_is_left(app)
+
+    asyncio.run(second())
 
 
 def test_bad_arguments_are_refused_with_the_name() -> None:

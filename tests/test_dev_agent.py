@@ -19,7 +19,7 @@ import pytest
 
 from sprockets_status_consul.dev_agent import ConsulAgentError, ConsulDevAgent
 
-from .consul_agent import ExternalAgent, wait_for
+from .consul_agent import ExternalAgent, free_port, wait_for
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -62,6 +62,23 @@ def test_a_bad_binary_is_a_clear_error(
     monkeypatch.setenv("CONSUL_BINARY", str(tmp_path / "missing"))
     with pytest.raises(ConsulAgentError, match="not an executable file"):
         ConsulDevAgent()
+
+
+def test_an_explicit_missing_binary_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConsulAgentError, match=r"binary=.* not an executable file"):
+        ConsulDevAgent(str(tmp_path / "missing"))
+
+
+def test_the_agent_is_reached_directly_whatever_http_proxy_says(
+    consul_binary: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A CI job's proxy, here with nothing listening: loopback never goes there.
+    monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    with ConsulDevAgent(consul_binary, startup_timeout=10) as agent:
+        agent.set_maintenance(True, "through no proxy")
+        agent.set_maintenance(False)
 
 
 def test_context_manager_starts_and_stops_an_agent(consul_binary: str) -> None:

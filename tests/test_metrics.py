@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 
+import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -157,6 +158,38 @@ class MetricsHandlerTests(testing.AsyncHTTPTestCase):
         response = self.fetch("/metrics", headers=headers)
         assert response.headers["Content-Type"].startswith("application/openmetrics")
         assert response.body.rstrip().endswith(b"# EOF")
+
+
+def test_a_collected_applications_metrics_make_way_for_the_next() -> None:
+    registry = CollectorRegistry()
+    first = web.Application()
+    metrics.register(first, registry)
+    del first  # without a gc.collect(): its cycles wait for the collector
+    second = web.Application()
+    metrics.register(second, registry)
+    assert value(scrape(registry), "up") == 1
+
+
+def test_two_living_applications_in_one_registry_is_a_clear_error() -> None:
+    registry = CollectorRegistry()
+    first = web.Application()
+    metrics.register(first, registry)
+    with pytest.raises(ValueError, match="its own CollectorRegistry"):
+        metrics.register(web.Application(), registry)
+    assert first is not None
+
+
+class DefaultRegistryTests(testing.AsyncHTTPTestCase):
+    """Each test's application serves the default registry in turn."""
+
+    def get_app(self) -> web.Application:
+        return web.Application([(r"/metrics", metrics.MetricsHandler)])
+
+    def test_first(self) -> None:
+        assert self.fetch("/metrics").code == 200
+
+    def test_second(self) -> None:
+        assert self.fetch("/metrics").code == 200
 
 
 def test_the_library_imports_without_prometheus_client() -> None:

@@ -22,6 +22,7 @@ from sprockets_status_consul.registration import (
     Registration,
     duration_text,
 )
+from sprockets_status_consul.transport import ConsulTimeout
 
 
 def resolve(register: Any, **config: Any) -> Settings:
@@ -185,6 +186,60 @@ def test_bad_values_name_the_key(register: Any, message: str) -> None:
     assert re.search(message, str(info.value)), str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("register", "message"),
+    [
+        ({"address": "   "}, r"\['address'\] must be a host name or IP address"),
+        ({"address": "10.0.0.5:8000"}, r"\['address'\] must be a host name"),
+        ({"address": "[::1]"}, r"\['address'\] must be a host name"),
+        ({"address": "a b"}, r"\['address'\] must be a host name"),
+        ({"check_path": "/st atus"}, r"\['check_path'\] must be a path"),
+    ],
+)
+def test_odd_addresses_and_paths_name_the_key(
+    register: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(SettingsError, match=message):
+        resolve({"name": "web", "port": 8000, **register})
+
+
+@pytest.mark.parametrize("address", ["10.0.0.5", "::1", "web-1.example", " web "])
+def test_addresses_that_make_a_check_url(address: str) -> None:
+    register = resolve({"name": "web", "port": 8000, "address": address}).register
+    assert register is not None and register.address == address.strip()
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"name": "a b", "port": 8000}, r"^Registration\.name must be"),
+        ({"name": "web", "port": 0}, r"^Registration\.port must be the port"),
+        ({"name": "web", "port": 1, "id": "x/y"}, r"^Registration\.id must be"),
+        ({"name": "web", "port": 1, "check_interval": 0.01}, r"check_interval .* 1 s"),
+        (
+            {"name": "web", "port": 1, "deregister_critical_after": 1},
+            r"^Registration\.deregister_critical_after must be at least 60 s",
+        ),
+        ({"name": "web", "port": 1, "address": "h:1"}, r"^Registration\.address"),
+        ({"name": "web", "port": 1, "tags": "blue"}, r"^Registration\.tags"),
+    ],
+)
+def test_a_registration_built_directly_is_checked(
+    fields: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(SettingsError, match=message):
+        Registration(**fields)
+
+
+def test_a_registration_built_directly_is_normalized() -> None:
+    register = Registration("web", 8000, tags=["blue"], check_interval="1m")  # type: ignore[arg-type]
+    assert (register.tags, register.check_interval) == (("blue",), 60.0)
+    assert register.id.startswith("web-")
+    assert register == Registration(
+        "web", 8000, register.id, tags=("blue",), check_interval=60
+    )
+
+
 def test_a_registration_is_lost_only_once_it_was_seen() -> None:
     register = resolve({"name": "web", "port": 8000}).register
     assert register is not None
@@ -232,6 +287,38 @@ def test_a_registration_in_flight_at_shutdown_is_withdrawn() -> None:
             await asyncio.sleep(0.001)
         await registrar.withdraw()
         assert registrar.state == "withdrawn"
+
+    asyncio.run(asyncio.wait_for(main(), 5))
+    assert calls == [("register", register.id), ("deregister", register.id)]
+
+
+def test_a_registration_that_timed_out_is_withdrawn_all_the_same() -> None:
+    register = resolve({"name": "web", "port": 8000, "address": "127.0.0.1"}).register
+    assert register is not None
+    calls: list[tuple[str, str]] = []
+
+    class Agent:
+        """Stands in for ConsulClient: it takes the PUT, the answer times out."""
+
+        settings = Settings.from_mapping({}, environ={})
+
+        async def register_service(
+            self, name: str, service_id: str, *_: Any, **__: Any
+        ) -> None:
+            calls.append(("register", service_id))
+            raise ConsulTimeout("no answer from the agent")
+
+        async def deregister_service(self, service_id: str) -> None:
+            calls.append(("deregister", service_id))
+
+    async def main() -> None:
+        registrar = Registrar(register, retry_max=60.0, agent="http://127.0.0.1:8500")
+        registrar.start(Agent())  # type: ignore[arg-type]
+        while not calls:
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0)  # the failure is recorded; a retry waits
+        assert registrar.state == "new"
+        await registrar.withdraw()
 
     asyncio.run(asyncio.wait_for(main(), 5))
     assert calls == [("register", register.id), ("deregister", register.id)]

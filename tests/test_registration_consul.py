@@ -512,3 +512,30 @@ def test_a_token_with_service_write_registers(acl: AclAgent) -> None:  # noqa: F
 
     asyncio.run(asyncio.wait_for(main(), 30))
     assert catalog(acl.agent, name) == {}
+
+
+def test_stop_deregisters_an_id_with_reserved_characters(
+    consul_agent: AgentBase,
+) -> None:
+    # Registrator-style IDs ("host:name:port") and others with characters a
+    # URL path reserves must leave the agent like any other.
+    name = unique_name()
+    service_id = f"host1:{name}@a+b=c"
+
+    async def main() -> None:
+        app = web.Application(
+            consul_status={
+                "address": consul_agent.http_addr,
+                "token": consul_agent.token,
+                "register": {"name": name, "port": free_port(), "id": service_id},
+            },
+        )
+        ssc.watch(app)
+        deadline = time.monotonic() + 10
+        while service_id not in await asyncio.to_thread(catalog, consul_agent, name):
+            assert time.monotonic() < deadline, "not registered"
+            await asyncio.sleep(0.05)
+        await ssc.stop(app)
+        assert await asyncio.to_thread(catalog, consul_agent, name) == {}
+
+    asyncio.run(asyncio.wait_for(main(), 30))

@@ -243,3 +243,24 @@ def test_a_port_out_of_range_names_the_address() -> None:
         Settings.from_mapping({"address": "h:0"}, environ={})
     with pytest.raises(SettingsError, match=r"CONSUL_HTTP_ADDR must name"):
         Settings.from_mapping({}, environ={"CONSUL_HTTP_ADDR": "h:0"})
+
+
+@pytest.mark.parametrize("register", [{"name": "web", "port": 8000}, True, "web"])
+def test_a_register_field_that_is_not_a_registration_is_refused(
+    register: object,
+) -> None:
+    with pytest.raises(
+        SettingsError, match=r"^Settings\.register must be a Registration"
+    ):
+        Settings(register=register)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("host", ["[::1]", "consul:8500", " consul", "", "a b", "-a"])
+def test_a_host_is_a_host_name_or_an_ip_address(host: str) -> None:
+    with pytest.raises(SettingsError, match=r"^Settings\.host must be a host name"):
+        Settings(host=host)
+
+
+@pytest.mark.parametrize("host", ["::1", "127.0.0.1", "consul", "consul.service.dc1."])
+def test_good_hosts(host: str) -> None:
+    assert Settings(host=host).host == host

@@ -169,3 +169,30 @@ def test_the_token_does_not_follow_redirects() -> None:
     client.http._request = fake_request
     asyncio.run(client.http.get(None, "/v1/agent/self"))
     assert seen[0].follow_redirects is False
+
+
+@pytest.mark.parametrize(
+    ("files", "setting"),
+    [
+        ({"ca_file": "missing-ca.pem"}, "ca_file"),
+        ({"cert_file": "missing.pem", "key_file": "missing-key.pem"}, "cert_file"),
+    ],
+)
+def test_a_missing_tls_file_is_named_not_taken_for_the_agent(
+    tmp_path: Any, files: dict[str, str], setting: str
+) -> None:
+    paths = {key: str(tmp_path / name) for key, name in files.items()}
+    settings = Settings(port=free_port(), scheme="https", **paths)  # type: ignore[arg-type]
+
+    async def main() -> None:
+        client = ConsulClient(settings)
+        try:
+            with pytest.raises(ConsulError) as error:
+                await client.node_name()
+            text = str(error.value)
+            assert setting in text and paths[setting] in text, text
+            assert "cannot reach" not in text
+        finally:
+            client.close()
+
+    asyncio.run(main())

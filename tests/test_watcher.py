@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import gc
 import itertools
 import logging
@@ -18,12 +19,14 @@ import pathlib
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 from tornado import web
 
+from sprockets_status_consul import checks
 from sprockets_status_consul import status as st
 from sprockets_status_consul import watcher as watcher_module
 from sprockets_status_consul.settings import Settings, SettingsError
@@ -371,6 +374,61 @@ def test_a_cancelled_loop_closes_the_client() -> None:
     assert consul.closed
 
 
+class Abort(BaseException):
+    """Not an Exception: what ``except Exception`` lets through."""
+
+
+class ScriptedKeyConsul(ScriptedConsul):
+    """Also answers the key source, with a query that never returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.key_calls = 0
+
+    async def kv_value(
+        self, key: str, index: int = 0, wait: float | None = None
+    ) -> tuple[int, bytes | None]:
+        self.key_calls += 1
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+def test_a_source_loop_that_ends_ends_the_others() -> None:
+    async def main() -> None:
+        consul = ScriptedKeyConsul()
+        watcher = ConsulWatcher(Settings(key="k"), client=consul)  # type: ignore[arg-type]
+        watcher.start()
+        tasks = list(watcher._tasks)
+        await until(lambda: consul.key_calls == 1)
+        consul.fail(Abort())
+        await until(lambda: all(task.done() for task in tasks))
+        assert watcher.status().consul == st.STOPPED
+        await watcher.stop()
+
+    asyncio.run(main())
+
+
+def test_an_observer_raising_a_base_exception_is_logged_once(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def observer(watcher: ConsulWatcher) -> None:
+        raise Abort("observer bug")
+
+    monkeypatch.setattr(watcher_module, "OBSERVERS", [observer])
+
+    async def test(watcher: ConsulWatcher, consul: ScriptedConsul) -> None:
+        consul.answer(3)
+        consul.answer(4, maint())
+        await until(lambda: watcher.status().status == st.MAINTENANCE)
+        assert watcher.running
+
+    with caplog.at_level(logging.ERROR, logger="sprockets_status_consul"):
+        run(test)
+    assert [str(r.exc_info[1]) for r in caplog.records if r.exc_info] == [
+        "observer bug"
+    ]
+
+
 def test_fail_closed_tolerates_one_ttl_from_the_start_of_the_outage() -> None:
     """However late in a blocking wait Consul fails, the grace is a whole TTL."""
 
@@ -465,6 +523,58 @@ def test_a_watcher_that_fails_to_start_is_logged_once_and_tried_again(
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1
     assert "cannot start following Consul" in errors[0].getMessage()
+
+
+def scripted_app_with_a_check(consul: ScriptedConsul) -> web.Application:
+    app = web.Application()
+    watcher_module._WATCHERS[app] = ConsulWatcher(Settings(), client=consul)  # type: ignore[arg-type]
+    checks.add_check(app, "db", lambda: True, interval=30)
+    return app
+
+
+async def started(app: web.Application, consul: ScriptedConsul) -> ConsulWatcher:
+    """The app's watcher and checks, once a query waits and the check ran."""
+    watcher = watcher_module.current(app)
+    checks.start(app)
+    await until(lambda: bool(consul.calls) and checks.results(app)[0].time is not None)
+    return watcher
+
+
+def test_stop_after_the_loop_closed_abandons_the_watcher_and_checks() -> None:
+    app = dead_end_app()
+    checks.add_check(app, "db", lambda: True, interval=30)
+
+    async def start() -> ConsulWatcher:
+        watcher = watcher_module.current(app)
+        checks.start(app)
+        await watcher.wait_ready(5)
+        await until(lambda: checks.results(app)[0].time is not None)
+        return watcher
+
+    loop = asyncio.new_event_loop()
+    watcher = loop.run_until_complete(start())
+    loop.close()  # as an IOLoop does: its tasks are never cancelled
+    asyncio.run(watcher_module.stop(app))
+    assert watcher.status().consul == st.STOPPED
+    assert not checks._CHECKS[app]._tasks
+
+
+def test_stop_on_another_loop_stops_on_the_watchers_own() -> None:
+    consul = ScriptedConsul()
+    app = scripted_app_with_a_check(consul)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        watcher = asyncio.run_coroutine_threadsafe(started(app, consul), loop).result(5)
+        tasks = [*watcher._tasks, *checks._CHECKS[app]._tasks]
+        asyncio.run(asyncio.wait_for(watcher_module.stop(app), 5))
+        assert all(task.done() for task in tasks)
+        assert consul.closed
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
 
 
 def test_after_stop_the_last_state_is_answered_and_nothing_starts() -> None:
@@ -655,6 +765,29 @@ def test_a_collected_application_ends_its_watcher(consul_agent: AgentBase) -> No
         await until(lambda: all(task.done() for task in tasks), timeout=5)
         await until(lambda: connections_to(port) == before, timeout=5)
         assert watcher.status().consul == st.STOPPED
+
+    asyncio.run(main())
+
+
+def test_an_application_its_check_refers_to_needs_stop() -> None:
+    """What the README says: a check closing over the application keeps it
+    alive, so only stop(app) ends its watcher."""
+
+    async def main() -> None:
+        app = dead_end_app()
+
+        def check(application: web.Application) -> bool:
+            return bool(application.settings)
+
+        checks.add_check(app, "self", functools.partial(check, app), interval=30)
+        watcher = watcher_module.watch(app)
+        alive = weakref.ref(app)
+        del app
+        gc.collect()
+        application = alive()
+        assert application is not None and watcher.running
+        await watcher_module.stop(application)
+        assert not watcher.running
 
     asyncio.run(main())
 
