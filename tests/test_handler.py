@@ -548,3 +548,16 @@ class Unavailable(web.RequestHandler):
 )
 def test_accept_negotiation(accept: str, health: bool) -> None:
     assert ssc_health.wanted(accept) is health
+
+
+def test_a_huge_accept_header_is_not_parsed() -> None:
+    """Past the caps plain JSON answers, whatever the header would have said."""
+    preferred = "application/health+json"
+    longest = preferred.ljust(ssc_health.MAX_ACCEPT_LENGTH - 1) + ",*/*;q=0.1"
+    longest = longest[: ssc_health.MAX_ACCEPT_LENGTH]
+    assert ssc_health.wanted(longest)
+    assert not ssc_health.wanted(longest + " ")
+    many = ",".join(["text/plain;q=0.1"] * ssc_health.MAX_MEDIA_RANGES)
+    assert len(many) < ssc_health.MAX_ACCEPT_LENGTH
+    assert not ssc_health.wanted(f"{preferred},{many}")
+    assert ssc_health.wanted(f"{preferred},{many.partition(',')[2]}")
