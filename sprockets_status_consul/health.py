@@ -43,10 +43,12 @@ def wanted(accept: str) -> bool:
     ranges is not parsed at all and gets plain JSON, so that no request costs
     more than a few microseconds here.
     """
+    if len(accept) > MAX_ACCEPT_LENGTH:
+        return False
     accept = accept.lower()
     if "health+json" not in accept and ";" not in accept:
         return False  # the common case: without q-values plain JSON wins ties
-    if len(accept) > MAX_ACCEPT_LENGTH or accept.count(",") >= MAX_MEDIA_RANGES:
+    if accept.count(",") >= MAX_MEDIA_RANGES:
         return False
     ranges = [parsed for r in accept.split(",") if (parsed := _parse(r)) is not None]
     health, health_named = _quality(ranges, _HEALTH)
