@@ -37,6 +37,13 @@ UNAVAILABLE = "unavailable"
 ``consul_status`` setting is bad, or the watcher could not be had."""
 
 
+BAD_SETTING = "bad consul_status setting (see the log)"
+"""The ``reason`` of the status body when the ``consul_status`` setting is bad.
+
+The body is for whoever can reach ``/status``; the error names the setting's
+value, so it goes to the log only."""
+
+
 def set_application(name: str) -> None:
     """Set the application name reported by status handlers of every application.
 
@@ -242,8 +249,9 @@ class ConsulStatusHandler(StatusHandler):
 
     The watcher is asked for once per request. When there is none to ask,
     the answer is still a status body: a bad ``consul_status`` setting
-    answers 500 with status ``unknown``, ``source: "settings"`` and the
-    setting's error as ``reason``; any other failure to get the watcher
+    answers 500 with status ``unknown``, ``source: "settings"`` and
+    :data:`BAD_SETTING` as ``reason`` (the error itself, which may quote the
+    setting, goes to the log only); any other failure to get the watcher
     answers as Consul being unreachable with the failure policy open would
     (the application's own status, ``consul: "unavailable"``), so a failure
     of this library never takes a fleet out of rotation. Each kind of
@@ -265,7 +273,7 @@ class ConsulStatusHandler(StatusHandler):
         except SettingsError as error:
             if _first_time(f"settings: {error}"):
                 LOGGER.error("cannot follow Consul: %s", error)
-            return ConsulStatus(UNKNOWN, UNAVAILABLE, str(error), "settings")
+            return ConsulStatus(UNKNOWN, UNAVAILABLE, BAD_SETTING, "settings")
         except Exception as error:
             kind = type(error)
             if _first_time(f"{kind.__module__}.{kind.__qualname__}"):

@@ -243,3 +243,22 @@ def test_a_port_out_of_range_names_the_address() -> None:
         Settings.from_mapping({"address": "h:0"}, environ={})
     with pytest.raises(SettingsError, match=r"CONSUL_HTTP_ADDR must name"):
         Settings.from_mapping({}, environ={"CONSUL_HTTP_ADDR": "h:0"})
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "http://user:s3cr3t@consul:8500",
+        "user:s3cr3t@consul:8500",
+        "https://user:s3cr3t@consul",
+        "http://user:s3cr3t@consul:port",
+        "user:s3cr3t@",
+    ],
+)
+def test_an_address_error_does_not_show_a_password(address: str) -> None:
+    with pytest.raises(SettingsError) as raised:
+        resolve({"address": address})
+    message = str(raised.value)
+    assert "consul_status['address']" in message
+    assert "s3cr3t" not in message
+    assert "user" not in message
