@@ -157,6 +157,16 @@ class StatusHandler(web.RequestHandler):
             self.set_header("Allow", ", ".join(self.SUPPORTED_METHODS))
         self.finish({"error": self._reason, "code": status_code})
 
+    @staticmethod
+    def _package_version() -> str:
+        """The version of the :func:`set_application` distribution, or ``unknown``.
+
+        Kept from ``sprockets.handlers.status`` for code that calls it; the
+        answer's ``version`` comes from :func:`application_identity`, which
+        does not call this method.
+        """
+        return _version(_application_name)
+
     def _application_status(self) -> str:
         """The status to report, by default ``application.status``."""
         return str(getattr(self.application, "status", OK))
@@ -184,18 +194,26 @@ class StatusHandler(web.RequestHandler):
         return {"application:status": _application_check(self._application_status())}
 
     def _health_response(self) -> dict[str, Any]:
-        """The answer in the ``application/health+json`` format."""
+        """The answer in the ``application/health+json`` format.
+
+        Built from :meth:`_status_response`; keys a subclass's body leaves
+        out (``application``, ``status``, ``version``) come from
+        :func:`application_identity` and :meth:`_application_status`.
+        """
         body = self._status_response()
         checks = self._health_checks()
+        name, version = application_identity(self.application)
+        name = str(body.get("application", name))
+        own = body.get("status", self._application_status())
         status = health.worst(
-            health.PASS if body["status"] == OK else health.FAIL,
+            health.PASS if own == OK else health.FAIL,
             *(entry[0]["status"] for entry in checks.values()),
         )
         answer: dict[str, Any] = {
             "status": status,
-            "version": body["version"],
-            "serviceId": body["application"],
-            "description": f"status of {body['application']}",
+            "version": str(body.get("version", version)),
+            "serviceId": name,
+            "description": f"status of {name}",
             "checks": checks,
         }
         notes = [

@@ -118,6 +118,38 @@ class SeedHookTests(testing.AsyncHTTPTestCase):
         assert self.fetch("/status?status=maintenance").code == 503
 
 
+class OwnBody(ssc.StatusHandler):
+    """A seed subclass whose body has keys of its own, as the seed invited."""
+
+    def _status_response(self) -> dict[str, Any]:
+        return {"service": "billing", "status": self.get_query_argument("s", "ok")}
+
+
+class SeedCompatibilityTests(testing.AsyncHTTPTestCase):
+    def get_app(self) -> web.Application:
+        return web.Application([(r"/status", OwnBody)])
+
+    def test_a_body_of_other_keys_still_answers_health_json(self) -> None:
+        for query, status in (("", "pass"), ("?s=maintenance", "fail")):
+            response = self.fetch(
+                "/status" + query, headers={"Accept": "application/health+json"}
+            )
+            assert response.code == 200  # _application_status() says ok
+            body = json.loads(response.body)
+            assert (body["status"], body["serviceId"]) == (status, "tornado")
+            assert body["version"] == ssc.application_identity(self._app)[1]
+            assert body["notes"] == ["service: billing"]
+
+    def test_the_seed_module_names(self) -> None:
+        assert ssc.APPLICATION == "tornado"  # type: ignore[attr-defined]
+        assert OwnBody._package_version() == ssc.application_identity(self._app)[1]
+        ssc.set_application(None)  # type: ignore[arg-type]
+        assert ssc.APPLICATION == ssc.UNKNOWN  # type: ignore[attr-defined]
+        assert ssc.StatusHandler._package_version() == ssc.UNKNOWN
+        with pytest.raises(AttributeError):
+            ssc.NOT_THERE  # type: ignore[attr-defined]  # noqa: B018
+
+
 class ConsulStatusHandlerTests(testing.AsyncHTTPTestCase):
     """The handler over a watcher whose transport is scripted."""
 
