@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import http.client
 import importlib.metadata
 import json
 import logging
@@ -152,10 +153,21 @@ class StatusHandler(web.RequestHandler):
         return self.get(*args, **kwargs)
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
-        """Errors (405 for other methods, say) answer JSON too."""
+        """Errors (405 for other methods, say) answer JSON too.
+
+        ``error`` is the :class:`~tornado.web.HTTPError`'s reason when it has
+        one, else the standard phrase of the code.
+        """
         if status_code == 405:
             self.set_header("Allow", ", ".join(self.SUPPORTED_METHODS))
-        self.finish({"error": self._reason, "code": status_code})
+        error = kwargs.get("exc_info", (None, None, None))[1]
+        reason = error.reason if isinstance(error, web.HTTPError) else None
+        self.finish(
+            {
+                "error": reason or http.client.responses.get(status_code, "Unknown"),
+                "code": status_code,
+            }
+        )
 
     @staticmethod
     def _package_version() -> str:

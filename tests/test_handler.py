@@ -74,7 +74,10 @@ class StatusHandlerTests(testing.AsyncHTTPTestCase):
                 "/status", method=method, body=body, allow_nonstandard_methods=True
             )
             assert response.code == 405, method
-            assert json.loads(response.body)["code"] == 405
+            assert json.loads(response.body) == {
+                "error": "Method Not Allowed",
+                "code": 405,
+            }
 
     def test_not_cached(self) -> None:
         assert self.fetch("/status").headers["Cache-Control"] == "no-store"
@@ -125,9 +128,14 @@ class OwnBody(ssc.StatusHandler):
         return {"service": "billing", "status": self.get_query_argument("s", "ok")}
 
 
+class Refusing(ssc.StatusHandler):
+    def get(self, *args: Any, **kwargs: Any) -> None:
+        raise web.HTTPError(429, reason="Slow Down")
+
+
 class SeedCompatibilityTests(testing.AsyncHTTPTestCase):
     def get_app(self) -> web.Application:
-        return web.Application([(r"/status", OwnBody)])
+        return web.Application([(r"/status", OwnBody), (r"/refuse", Refusing)])
 
     def test_a_body_of_other_keys_still_answers_health_json(self) -> None:
         for query, status in (("", "pass"), ("?s=maintenance", "fail")):
@@ -148,6 +156,11 @@ class SeedCompatibilityTests(testing.AsyncHTTPTestCase):
         assert ssc.StatusHandler._package_version() == ssc.UNKNOWN
         with pytest.raises(AttributeError):
             ssc.NOT_THERE  # type: ignore[attr-defined]  # noqa: B018
+
+    def test_an_http_error_answers_its_own_reason(self) -> None:
+        response = self.fetch("/refuse")
+        assert response.code == 429
+        assert json.loads(response.body) == {"error": "Slow Down", "code": 429}
 
 
 class ConsulStatusHandlerTests(testing.AsyncHTTPTestCase):
