@@ -135,7 +135,8 @@ class Refusing(ssc.StatusHandler):
 
 class SeedCompatibilityTests(testing.AsyncHTTPTestCase):
     def get_app(self) -> web.Application:
-        return web.Application([(r"/status", OwnBody), (r"/refuse", Refusing)])
+        self.app = web.Application([(r"/status", OwnBody), (r"/refuse", Refusing)])
+        return self.app
 
     def test_a_body_of_other_keys_still_answers_health_json(self) -> None:
         for query, status in (("", "pass"), ("?s=maintenance", "fail")):
@@ -145,12 +146,12 @@ class SeedCompatibilityTests(testing.AsyncHTTPTestCase):
             assert response.code == 200  # _application_status() says ok
             body = json.loads(response.body)
             assert (body["status"], body["serviceId"]) == (status, "tornado")
-            assert body["version"] == ssc.application_identity(self._app)[1]
+            assert body["version"] == ssc.application_identity(self.app)[1]
             assert body["notes"] == ["service: billing"]
 
     def test_the_seed_module_names(self) -> None:
         assert ssc.APPLICATION == "tornado"  # type: ignore[attr-defined]
-        assert OwnBody._package_version() == ssc.application_identity(self._app)[1]
+        assert OwnBody._package_version() == ssc.application_identity(self.app)[1]
         ssc.set_application(None)  # type: ignore[arg-type]
         assert ssc.APPLICATION == ssc.UNKNOWN  # type: ignore[attr-defined]
         assert ssc.StatusHandler._package_version() == ssc.UNKNOWN
