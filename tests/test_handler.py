@@ -8,6 +8,7 @@ import json
 import logging
 import warnings
 from collections.abc import Awaitable
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -516,6 +517,19 @@ class TimeTests(testing.AsyncHTTPTestCase):
             )
             slack = datetime.timedelta(milliseconds=1)
             assert before - slack <= moment <= after + slack
+
+    def test_the_readme_example_has_the_fields_of_a_real_answer(self) -> None:
+        self.consul.answer(3)
+        response = self.fetch("/status", headers={"Accept": "application/health+json"})
+        real = json.loads(response.body)
+        readme = (Path(__file__).parent.parent / "README.md").read_text()
+        section = readme.split("## `application/health+json`", 1)[1]
+        block = section.split("```console\n", 1)[1].split("```", 1)[0]
+        example = json.loads(block.split("\n", 1)[1])
+        assert set(real) - {"output", "notes"} <= set(example)
+        for name, (entry,) in real["checks"].items():
+            (shown,) = example["checks"][name]
+            assert set(entry) <= set(shown), name
 
     def test_an_unreachable_source_is_as_old_as_its_answer(self) -> None:
         self.consul.answer(3)
