@@ -32,6 +32,7 @@ from sprockets_status_consul import (
     ConsulStatusHandler,
     LivenessHandler,
     SettingsError,
+    log_request,
     serve_until_signalled,
     set_application,
     stop,
@@ -53,6 +54,9 @@ def make_app() -> web.Application:
         # be reached "open" keeps serving the last known status ("closed"
         # would report maintenance once that answer is older than the ttl).
         consul_status={"ttl": 10.0, "failure_mode": "open"},
+        # Tornado logs every 5xx at ERROR; this logs the 503s of maintenance
+        # and draining at INFO, as answers rather than failures.
+        log_function=log_request,
     )
 
 

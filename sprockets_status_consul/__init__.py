@@ -6,6 +6,7 @@
 that a request never waits on Consul.
 """
 
+from . import handler as _handler
 from .changes import on_change, status_changed
 from .checks import add_check
 from .drain import drain, requests_in_flight, serve_until_signalled, track_requests
@@ -62,3 +63,15 @@ __all__ = [
     "track_requests",
     "watch",
 ]
+
+
+def __getattr__(name: str) -> str:
+    """``APPLICATION``: the :func:`set_application` name, as in the original.
+
+    ``sprockets.handlers.status`` kept the name in a module global; reading
+    ``APPLICATION`` still gives it (``unknown`` before ``set_application``).
+    Assigning to it changes nothing: call :func:`set_application`.
+    """
+    if name == "APPLICATION":
+        return _handler._application_name or UNKNOWN
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

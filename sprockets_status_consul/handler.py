@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import http.client
 import importlib.metadata
 import json
 import logging
@@ -35,6 +36,13 @@ _logged_errors: set[str] = set()
 UNAVAILABLE = "unavailable"
 """The ``consul`` field when the application has no watcher to ask: its
 ``consul_status`` setting is bad, or the watcher could not be had."""
+
+
+BAD_SETTING = "bad consul_status setting (see the log)"
+"""The ``reason`` of the status body when the ``consul_status`` setting is bad.
+
+The body is for whoever can reach ``/status``; the error names the setting's
+value, so it goes to the log only."""
 
 
 def set_application(name: str) -> None:
@@ -145,10 +153,31 @@ class StatusHandler(web.RequestHandler):
         return self.get(*args, **kwargs)
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
-        """Errors (405 for other methods, say) answer JSON too."""
+        """Errors (405 for other methods, say) answer JSON too.
+
+        ``error`` is the :class:`~tornado.web.HTTPError`'s reason when it has
+        one, else the standard phrase of the code.
+        """
         if status_code == 405:
             self.set_header("Allow", ", ".join(self.SUPPORTED_METHODS))
-        self.finish({"error": self._reason, "code": status_code})
+        error = kwargs.get("exc_info", (None, None, None))[1]
+        reason = error.reason if isinstance(error, web.HTTPError) else None
+        self.finish(
+            {
+                "error": reason or http.client.responses.get(status_code, "Unknown"),
+                "code": status_code,
+            }
+        )
+
+    @staticmethod
+    def _package_version() -> str:
+        """The version of the :func:`set_application` distribution, or ``unknown``.
+
+        Kept from ``sprockets.handlers.status`` for code that calls it; the
+        answer's ``version`` comes from :func:`application_identity`, which
+        does not call this method.
+        """
+        return _version(_application_name)
 
     def _application_status(self) -> str:
         """The status to report, by default ``application.status``."""
@@ -177,18 +206,26 @@ class StatusHandler(web.RequestHandler):
         return {"application:status": _application_check(self._application_status())}
 
     def _health_response(self) -> dict[str, Any]:
-        """The answer in the ``application/health+json`` format."""
+        """The answer in the ``application/health+json`` format.
+
+        Built from :meth:`_status_response`; keys a subclass's body leaves
+        out (``application``, ``status``, ``version``) come from
+        :func:`application_identity` and :meth:`_application_status`.
+        """
         body = self._status_response()
         checks = self._health_checks()
+        name, version = application_identity(self.application)
+        name = str(body.get("application", name))
+        own = body.get("status", self._application_status())
         status = health.worst(
-            health.PASS if body["status"] == OK else health.FAIL,
+            health.PASS if own == OK else health.FAIL,
             *(entry[0]["status"] for entry in checks.values()),
         )
         answer: dict[str, Any] = {
             "status": status,
-            "version": body["version"],
-            "serviceId": body["application"],
-            "description": f"status of {body['application']}",
+            "version": str(body.get("version", version)),
+            "serviceId": name,
+            "description": f"status of {name}",
             "checks": checks,
         }
         notes = [
@@ -242,8 +279,9 @@ class ConsulStatusHandler(StatusHandler):
 
     The watcher is asked for once per request. When there is none to ask,
     the answer is still a status body: a bad ``consul_status`` setting
-    answers 500 with status ``unknown``, ``source: "settings"`` and the
-    setting's error as ``reason``; any other failure to get the watcher
+    answers 500 with status ``unknown``, ``source: "settings"`` and
+    :data:`BAD_SETTING` as ``reason`` (the error itself, which may quote the
+    setting, goes to the log only); any other failure to get the watcher
     answers as Consul being unreachable with the failure policy open would
     (the application's own status, ``consul: "unavailable"``), so a failure
     of this library never takes a fleet out of rotation. Each kind of
@@ -265,7 +303,7 @@ class ConsulStatusHandler(StatusHandler):
         except SettingsError as error:
             if _first_time(f"settings: {error}"):
                 LOGGER.error("cannot follow Consul: %s", error)
-            return ConsulStatus(UNKNOWN, UNAVAILABLE, str(error), "settings")
+            return ConsulStatus(UNKNOWN, UNAVAILABLE, BAD_SETTING, "settings")
         except Exception as error:
             kind = type(error)
             if _first_time(f"{kind.__module__}.{kind.__qualname__}"):

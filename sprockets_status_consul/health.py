@@ -23,6 +23,12 @@ _PLAIN = ("application", "json")
 _HEALTH = ("application", "health+json")
 
 
+MAX_ACCEPT_LENGTH = 1024
+"""An ``Accept`` header longer than this is not parsed: plain JSON answers."""
+MAX_MEDIA_RANGES = 32
+"""An ``Accept`` header with more media ranges is not parsed either."""
+
+
 def wanted(accept: str) -> bool:
     """Whether an ``Accept`` header prefers ``application/health+json``.
 
@@ -32,25 +38,31 @@ def wanted(accept: str) -> bool:
     over ``*/*``), and the higher quality wins. On a tie health+json wins only
     when the header names it, so ``*/*``, ``application/*``, no header and
     headers naming neither keep the original JSON. A media range that cannot
-    be parsed (no ``/``, a bad ``q``) is ignored.
+    be parsed (no ``/``, a bad ``q``) is ignored. A header longer than
+    :data:`MAX_ACCEPT_LENGTH` or with more than :data:`MAX_MEDIA_RANGES`
+    ranges is not parsed at all and gets plain JSON, so that no request costs
+    more than a few microseconds here.
     """
+    if len(accept) > MAX_ACCEPT_LENGTH:
+        return False
     accept = accept.lower()
     if "health+json" not in accept and ";" not in accept:
         return False  # the common case: without q-values plain JSON wins ties
-    health, health_named = _quality(accept, _HEALTH)
-    plain, _ = _quality(accept, _PLAIN)
+    if accept.count(",") >= MAX_MEDIA_RANGES:
+        return False
+    ranges = [parsed for r in accept.split(",") if (parsed := _parse(r)) is not None]
+    health, health_named = _quality(ranges, _HEALTH)
+    plain, _ = _quality(ranges, _PLAIN)
     return health > plain or (health == plain > 0 and health_named)
 
 
-def _quality(accept: str, media_type: tuple[str, str]) -> tuple[float, bool]:
-    """The quality ``accept`` gives ``media_type``, and whether it names it."""
+def _quality(
+    ranges: list[tuple[tuple[str, str], float]], media_type: tuple[str, str]
+) -> tuple[float, bool]:
+    """The quality parsed ``ranges`` give ``media_type``, and whether they name it."""
     best_specificity = -1
     quality = 0.0
-    for media_range in accept.split(","):
-        parsed = _parse(media_range)
-        if parsed is None:
-            continue
-        (main, sub), q = parsed
+    for (main, sub), q in ranges:
         if (main, sub) == media_type:
             specificity = 2
         elif sub == "*" and main in ("*", media_type[0]):

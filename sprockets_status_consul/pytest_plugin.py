@@ -10,8 +10,10 @@ test asks for them:
     test that turns it on turns it off again.
 ``consul_binary``
     The consul executable the agent runs: ``$CONSUL_BINARY``, else ``consul``
-    on ``$PATH``; when there is none, the tests that need it are skipped with
-    the reason. Override this fixture to supply the binary another way.
+    on ``$PATH``; when neither is there, the tests that need it are skipped
+    with the reason, and when ``$CONSUL_BINARY`` is set but not an executable
+    file, they fail with the reason. Override this fixture to supply the
+    binary another way.
 """
 
 from __future__ import annotations
@@ -25,11 +27,14 @@ from .dev_agent import ConsulAgentError, ConsulDevAgent, find_consul_binary
 
 @pytest.fixture(scope="session")
 def consul_binary() -> str:
-    """The consul executable; skips the test when there is none."""
+    """The consul executable; skips the test when none is configured.
+
+    A ``$CONSUL_BINARY`` that cannot be run fails the test: it was asked for.
+    """
     try:
         binary = find_consul_binary()
     except ConsulAgentError as exc:
-        pytest.skip(f"no consul binary: {exc}")
+        pytest.fail(f"unusable consul binary: {exc}", pytrace=False)
     if binary is None:
         pytest.skip("no consul binary: set CONSUL_BINARY or put consul on PATH")
     return binary

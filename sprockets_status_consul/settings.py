@@ -418,20 +418,25 @@ def _token_problem(token: str) -> str | None:
 
 
 def _parse_address(value: str, origin: str) -> tuple[str, str, int]:
-    """Split ``host:port`` or ``http(s)://host:port`` into its three parts."""
+    """Split ``host:port`` or ``http(s)://host:port`` into its three parts.
+
+    Errors show the address without any ``user:password@``, so that a
+    password never reaches a log line or a status body.
+    """
     text = value if "://" in value else f"http://{value}"
+    shown = re.sub(r"^([^/]*//)?[^/]*@", r"\1***@", value)
     try:
         url = urllib.parse.urlsplit(text)
         port = url.port
     except ValueError as error:
-        raise SettingsError(f"{origin}: {value!r} is not host:port ({error})") from None
+        raise SettingsError(f"{origin}: {shown!r} is not host:port ({error})") from None
     if url.scheme not in ("http", "https"):
         raise SettingsError(
             f"{origin}: scheme {url.scheme!r} is not supported, use http or https"
         )
     if not url.hostname or url.path not in ("", "/") or url.query or url.username:
         raise SettingsError(
-            f"{origin}: {value!r} is not host:port or http(s)://host:port"
+            f"{origin}: {shown!r} is not host:port or http(s)://host:port"
         )
     if port is None:
         port = 443 if url.scheme == "https" and "://" in value else 8500

@@ -124,3 +124,16 @@ def test_plugin_skips_without_a_binary_and_is_idle_unless_asked(
     assert "PASSED test_probe.py::test_without_agent" in out
     assert "SKIPPED" in out
     assert "no consul binary: set CONSUL_BINARY or put consul on PATH" in out
+
+
+def test_plugin_fails_when_consul_binary_is_unusable(tmp_path: Path) -> None:
+    (tmp_path / "test_probe.py").write_text(
+        "def test_with_agent(consul_dev_agent):\n    pass\n"
+    )
+    missing = tmp_path / "no-consul-here"
+    proc = run_pytest(tmp_path, {"CONSUL_BINARY": str(missing)})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "ERROR test_probe.py::test_with_agent" in out
+    assert "SKIPPED" not in out
+    assert f"unusable consul binary: CONSUL_BINARY={str(missing)!r}" in out

@@ -286,6 +286,9 @@ def test_consul_app_follows_node_maintenance(
     assert f"following Consul node {consul_agent.node_name!r}" in stderr
     assert "node maintenance enabled: demo" in stderr
     assert "node maintenance disabled" in stderr
+    # the 503s of maintenance are answers, logged at INFO, not errors
+    assert "INFO tornado.access: 503 GET /status" in stderr
+    assert "ERROR tornado.access" not in stderr
 
 
 def test_consul_app_rejects_a_bad_address_at_start_up(run_example: RunExample) -> None:

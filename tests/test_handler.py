@@ -8,6 +8,7 @@ import json
 import logging
 import warnings
 from collections.abc import Awaitable
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -74,7 +75,10 @@ class StatusHandlerTests(testing.AsyncHTTPTestCase):
                 "/status", method=method, body=body, allow_nonstandard_methods=True
             )
             assert response.code == 405, method
-            assert json.loads(response.body)["code"] == 405
+            assert json.loads(response.body) == {
+                "error": "Method Not Allowed",
+                "code": 405,
+            }
 
     def test_not_cached(self) -> None:
         assert self.fetch("/status").headers["Cache-Control"] == "no-store"
@@ -116,6 +120,49 @@ class SeedHookTests(testing.AsyncHTTPTestCase):
         body = json.loads(response.body)
         assert (body["status"], body["extra"]) == ("custom", True)
         assert self.fetch("/status?status=maintenance").code == 503
+
+
+class OwnBody(ssc.StatusHandler):
+    """A seed subclass whose body has keys of its own, as the seed invited."""
+
+    def _status_response(self) -> dict[str, Any]:
+        return {"service": "billing", "status": self.get_query_argument("s", "ok")}
+
+
+class Refusing(ssc.StatusHandler):
+    def get(self, *args: Any, **kwargs: Any) -> None:
+        raise web.HTTPError(429, reason="Slow Down")
+
+
+class SeedCompatibilityTests(testing.AsyncHTTPTestCase):
+    def get_app(self) -> web.Application:
+        self.app = web.Application([(r"/status", OwnBody), (r"/refuse", Refusing)])
+        return self.app
+
+    def test_a_body_of_other_keys_still_answers_health_json(self) -> None:
+        for query, status in (("", "pass"), ("?s=maintenance", "fail")):
+            response = self.fetch(
+                "/status" + query, headers={"Accept": "application/health+json"}
+            )
+            assert response.code == 200  # _application_status() says ok
+            body = json.loads(response.body)
+            assert (body["status"], body["serviceId"]) == (status, "tornado")
+            assert body["version"] == ssc.application_identity(self.app)[1]
+            assert body["notes"] == ["service: billing"]
+
+    def test_the_seed_module_names(self) -> None:
+        assert ssc.APPLICATION == "tornado"  # type: ignore[attr-defined]
+        assert OwnBody._package_version() == ssc.application_identity(self.app)[1]
+        ssc.set_application(None)  # type: ignore[arg-type]
+        assert ssc.APPLICATION == ssc.UNKNOWN  # type: ignore[attr-defined]
+        assert ssc.StatusHandler._package_version() == ssc.UNKNOWN
+        with pytest.raises(AttributeError):
+            ssc.NOT_THERE  # type: ignore[attr-defined]  # noqa: B018
+
+    def test_an_http_error_answers_its_own_reason(self) -> None:
+        response = self.fetch("/refuse")
+        assert response.code == 429
+        assert json.loads(response.body) == {"error": "Slow Down", "code": 429}
 
 
 class ConsulStatusHandlerTests(testing.AsyncHTTPTestCase):
@@ -197,7 +244,8 @@ class FailClosedTests(testing.AsyncHTTPTestCase):
 class BadSettingTests(testing.AsyncHTTPTestCase):
     def get_app(self) -> web.Application:
         return web.Application(
-            [(r"/status", ssc.ConsulStatusHandler)], consul_status={"ttl": "soon"}
+            [(r"/status", ssc.ConsulStatusHandler)],
+            consul_status={"ttl": "s3cr3t-soon"},
         )
 
     def test_watch_names_the_bad_key(self) -> None:
@@ -214,9 +262,11 @@ class BadSettingTests(testing.AsyncHTTPTestCase):
                 assert body["application"] == "tornado"
                 assert (body["status"], body["consul"]) == ("unknown", "unavailable")
                 assert body["source"] == "settings"
-                assert "consul_status['ttl']" in body["reason"]
+                assert body["reason"] == "bad consul_status setting (see the log)"
+                assert b"s3cr3t" not in response.body
         assert len(logs.records) == 1
         assert "consul_status['ttl']" in logs.records[0].getMessage()
+        assert "s3cr3t-soon" in logs.records[0].getMessage()
 
     def test_health_json_fails_with_the_reason(self) -> None:
         response = self.fetch("/status", headers={"Accept": "application/health+json"})
@@ -224,7 +274,8 @@ class BadSettingTests(testing.AsyncHTTPTestCase):
         body = json.loads(response.body)
         check = body["checks"]["consul:watcher"][0]
         assert (body["status"], check["status"]) == ("fail", "fail")
-        assert "consul_status['ttl']" in check["output"]
+        assert check["output"] == "bad consul_status setting (see the log)"
+        assert b"s3cr3t" not in response.body
 
 
 class WatcherFailureTests(testing.AsyncHTTPTestCase):
@@ -467,6 +518,19 @@ class TimeTests(testing.AsyncHTTPTestCase):
             slack = datetime.timedelta(milliseconds=1)
             assert before - slack <= moment <= after + slack
 
+    def test_the_readme_example_has_the_fields_of_a_real_answer(self) -> None:
+        self.consul.answer(3)
+        response = self.fetch("/status", headers={"Accept": "application/health+json"})
+        real = json.loads(response.body)
+        readme = (Path(__file__).parent.parent / "README.md").read_text()
+        section = readme.split("## `application/health+json`", 1)[1]
+        block = section.split("```console\n", 1)[1].split("```", 1)[0]
+        example = json.loads(block.split("\n", 1)[1])
+        assert set(real) - {"output", "notes"} <= set(example)
+        for name, (entry,) in real["checks"].items():
+            (shown,) = example["checks"][name]
+            assert set(entry) <= set(shown), name
+
     def test_an_unreachable_source_is_as_old_as_its_answer(self) -> None:
         self.consul.answer(3)
         assert self.fetch("/status").code == 200
@@ -548,3 +612,16 @@ class Unavailable(web.RequestHandler):
 )
 def test_accept_negotiation(accept: str, health: bool) -> None:
     assert ssc_health.wanted(accept) is health
+
+
+def test_a_huge_accept_header_is_not_parsed() -> None:
+    """Past the caps plain JSON answers, whatever the header would have said."""
+    preferred = "application/health+json"
+    longest = preferred.ljust(ssc_health.MAX_ACCEPT_LENGTH - 1) + ",*/*;q=0.1"
+    longest = longest[: ssc_health.MAX_ACCEPT_LENGTH]
+    assert ssc_health.wanted(longest)
+    assert not ssc_health.wanted(longest + " ")
+    many = ",".join(["text/plain;q=0.1"] * ssc_health.MAX_MEDIA_RANGES)
+    assert len(many) < ssc_health.MAX_ACCEPT_LENGTH
+    assert not ssc_health.wanted(f"{preferred},{many}")
+    assert ssc_health.wanted(f"{preferred},{many.partition(',')[2]}")

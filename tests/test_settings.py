@@ -264,3 +264,21 @@ def test_a_host_is_a_host_name_or_an_ip_address(host: str) -> None:
 @pytest.mark.parametrize("host", ["::1", "127.0.0.1", "consul", "consul.service.dc1."])
 def test_good_hosts(host: str) -> None:
     assert Settings(host=host).host == host
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "http://user:s3cr3t@consul:8500",
+        "user:s3cr3t@consul:8500",
+        "https://user:s3cr3t@consul",
+        "http://user:s3cr3t@consul:port",
+        "user:s3cr3t@",
+    ],
+)
+def test_an_address_error_does_not_show_a_password(address: str) -> None:
+    with pytest.raises(SettingsError) as raised:
+        resolve({"address": address})
+    message = str(raised.value)
+    assert "consul_status['address']" in message
+    assert "s3cr3t" not in message
+    assert "user" not in message

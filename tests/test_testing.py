@@ -62,14 +62,15 @@ class StatusTests(testing.AsyncHTTPTestCase):
 
     def get_app(self) -> web.Application:
         host, port = self.consul.getsockname()
-        return make_app(f"{host}:{port}")
+        self.app = make_app(f"{host}:{port}")
+        return self.app
 
     def get_status(self, **headers: str) -> tuple[int, dict[str, Any]]:
         response = self.fetch("/status", headers=headers)
         return response.code, json.loads(response.body)
 
     def test_maintenance_is_a_503_with_the_reason(self) -> None:
-        with consul_says(self._app, maintenance=True, reason="deploy 42"):
+        with consul_says(self.app, maintenance=True, reason="deploy 42"):
             code, body = self.get_status()
         assert code == 503
         assert (body["status"], body["source"], body["reason"]) == (
@@ -81,20 +82,20 @@ class StatusTests(testing.AsyncHTTPTestCase):
         assert connections(self.consul) == 0
 
     def test_no_maintenance_is_a_200_without_any_consul(self) -> None:
-        with consul_says(self._app):
+        with consul_says(self.app):
             code, body = self.get_status()
         assert (code, body["status"], body["consul"]) == (200, "ok", "connected")
         assert "reason" not in body
         assert connections(self.consul) == 0
 
     def test_each_source_and_state_of_consul(self) -> None:
-        with consul_says(self._app, maintenance=True, reason="k", source="key"):
+        with consul_says(self.app, maintenance=True, reason="k", source="key"):
             assert self.get_status()[1]["source"] == "key"
-        with consul_says(self._app, consul="unreachable"):
+        with consul_says(self.app, consul="unreachable"):
             code, body = self.get_status()
             assert (code, body["consul"]) == (200, "unreachable")
         with consul_says(
-            self._app,
+            self.app,
             maintenance=True,
             reason="no agent",
             source="consul",
@@ -108,8 +109,8 @@ class StatusTests(testing.AsyncHTTPTestCase):
         assert connections(self.consul) == 0
 
     def test_the_previous_state_comes_back(self) -> None:
-        with consul_says(self._app, maintenance=True, reason="outer"):
-            with consul_says(self._app):
+        with consul_says(self.app, maintenance=True, reason="outer"):
+            with consul_says(self.app):
                 assert self.get_status()[0] == 200
             assert self.get_status()[1]["reason"] == "outer"
         assert connections(self.consul) == 0
@@ -118,8 +119,8 @@ class StatusTests(testing.AsyncHTTPTestCase):
         assert connections(self.consul) == 1
 
     def test_a_stopped_application_stays_stopped(self) -> None:
-        self.io_loop.run_sync(lambda: ssc.stop(self._app))
-        with consul_says(self._app, maintenance=True, reason="r"):
+        self.io_loop.run_sync(lambda: ssc.stop(self.app))
+        with consul_says(self.app, maintenance=True, reason="r"):
             assert self.get_status()[0] == 503
         assert self.get_status()[1]["consul"] == "stopped"
         assert connections(self.consul) == 0
@@ -161,6 +162,8 @@ def test_the_readme_example_passes(tmp_path: pathlib.Path) -> None:
     readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
     section = readme.split("## Testing your own `/status`", 1)[1]
     example = section.split("```python\n", 1)[1].split("```", 1)[0]
+    # AsyncHTTPTestCase's _app is Tornado's private attribute
+    assert "._app" not in example
     (tmp_path / "test_readme_example.py").write_text(example)
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
