@@ -9,7 +9,7 @@ only) builds, from Debian's packages,
    import`` as :data:`BASE_IMAGE`;
 2. the Consul image docker-compose.yml names (``hashicorp/consul:...``):
    that base with the Debian ``consul`` binary the tests use (found or fetched
-   by :func:`tests.consul_agent.find_or_fetch_consul`) and the official image's
+   by ``scripts/get-consul``) and the official image's
    command dispatch (``tests/stand_ins/consul.Dockerfile``);
 3. the Python image examples/Dockerfile starts from (``python:3.11-slim``):
    that base with Debian's python3 (3.11 in bookworm), pip and venv
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import runpy
 import shutil
 import subprocess
 import sys
@@ -34,7 +35,38 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tests import consul_agent
+GET_CONSUL = Path(__file__).resolve().parent.parent / "scripts" / "get-consul"
+# The project's own fetch script, for its Debian source and Consul version:
+# this module runs before any virtualenv exists (as .ci/run's first step), so
+# it uses the standard library only, not the package or tests.consul_agent.
+_get_consul = runpy.run_path(str(GET_CONSUL))
+
+
+class ConsulUnavailable(RuntimeError):
+    """No Consul binary could be had for the image."""
+
+
+class CommandError(subprocess.CalledProcessError):
+    """A command failed; ``str()`` includes its output."""
+
+    def __str__(self) -> str:
+        out = (self.stdout or "").strip()
+        err = (self.stderr or "").strip()
+        return f"{super().__str__()}\nstdout: {out}\nstderr: {err}"
+
+
+def consul_binary() -> str:
+    """The path ``scripts/get-consul`` prints, fetching Consul if needed."""
+    proc = subprocess.run(
+        [sys.executable, str(GET_CONSUL)],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise ConsulUnavailable(proc.stderr.strip() or "scripts/get-consul failed")
+    return proc.stdout.strip()
 
 ROOT = Path(__file__).resolve().parent.parent
 STAND_INS = Path(__file__).resolve().parent / "stand_ins"
@@ -76,13 +108,13 @@ def docker(
     *args: str, check: bool = True, timeout: float = 60.0
 ) -> subprocess.CompletedProcess[str]:
     """``docker ARGS``; with ``check`` a failure raises
-    :class:`tests.consul_agent.ConsulCommandError` (its output included)."""
+    :class:`CommandError` (its output included)."""
     cmd = ["docker", *args]
     proc = subprocess.run(
         cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
     )
     if check and proc.returncode != 0:
-        raise consul_agent.ConsulCommandError(
+        raise CommandError(
             proc.returncode, cmd, proc.stdout, proc.stderr
         )
     return proc
@@ -101,10 +133,10 @@ def missing_images() -> list[str]:
 def debian_mirror() -> str:
     """The first Debian mirror in the machine's apt sources.
 
-    Taken from the apt source :mod:`tests.consul_agent` derives to fetch
+    Taken from the apt source ``scripts/get-consul`` derives to fetch
     Consul, so both use whatever mirror the machine is set up with.
     """
-    _, source = consul_agent._bullseye_sources()
+    _, source = _get_consul["_bullseye_sources"]()
     for line in source.splitlines():
         words = line.split()
         if words[:1] == ["URIs:"] and len(words) > 1:
@@ -200,14 +232,14 @@ def build_consul(work: Path) -> None:
     root = context / "root"
     for folder in ("usr/bin", "usr/local/bin", "consul/data", "consul/config"):
         (root / folder).mkdir(parents=True)
-    shutil.copy(consul_agent.find_or_fetch_consul(), root / "usr/bin/consul")
+    shutil.copy(consul_binary(), root / "usr/bin/consul")
     entrypoint = root / "usr/local/bin/docker-entrypoint.sh"
     shutil.copy(STAND_INS / "consul-entrypoint.sh", entrypoint)
     _build(
         context,
         "consul.Dockerfile",
         consul_image(),
-        CONSUL_VERSION=consul_agent.CONSUL_VERSION,
+        CONSUL_VERSION=_get_consul["CONSUL_VERSION"],
     )
 
 
@@ -251,8 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 build(Path(tmp))
             except (
                 ImageError,
-                consul_agent.ConsulUnavailable,
-                subprocess.CalledProcessError,  # ConsulCommandError included
+                ConsulUnavailable,
+                subprocess.CalledProcessError,  # CommandError included
             ) as exc:
                 print(f"docker-images: {image}: {exc}", file=sys.stderr)
                 return 1
