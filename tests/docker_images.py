@@ -24,6 +24,7 @@ the base only when a stand-in needs it.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import runpy
@@ -34,12 +35,18 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 GET_CONSUL = Path(__file__).resolve().parent.parent / "scripts" / "get-consul"
 # The project's own fetch script, for its Debian source and Consul version:
 # this module runs before any virtualenv exists (as .ci/run's first step), so
 # it uses the standard library only, not the package or tests.consul_agent.
-_get_consul = runpy.run_path(str(GET_CONSUL))
+
+
+@functools.cache
+def _get_consul() -> dict[str, Any]:
+    """``scripts/get-consul``'s names, loaded when an image is built."""
+    return runpy.run_path(str(GET_CONSUL))
 
 
 class ConsulUnavailable(RuntimeError):
@@ -136,7 +143,7 @@ def debian_mirror() -> str:
     Taken from the apt source ``scripts/get-consul`` derives to fetch
     Consul, so both use whatever mirror the machine is set up with.
     """
-    _, source = _get_consul["_bullseye_sources"]()
+    _, source = _get_consul()["_bullseye_sources"]()
     for line in source.splitlines():
         words = line.split()
         if words[:1] == ["URIs:"] and len(words) > 1:
@@ -239,7 +246,7 @@ def build_consul(work: Path) -> None:
         context,
         "consul.Dockerfile",
         consul_image(),
-        CONSUL_VERSION=_get_consul["CONSUL_VERSION"],
+        CONSUL_VERSION=_get_consul()["CONSUL_VERSION"],
     )
 
 
