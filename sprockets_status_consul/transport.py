@@ -3,9 +3,10 @@
 The ``consul`` package (python-consul2, python-consul or py-consul: all three
 install it) builds the requests and reads the answers with its ``Agent``,
 ``Health`` and ``KV`` endpoints; this module is the HTTP client under them,
-built as the package's own adapters are, on Tornado's public HTTP/1.1 client
-parts (:class:`tornado.tcpclient.TCPClient` and
-:class:`tornado.http1connection.HTTP1Connection`):
+built as the package's own adapters are, on asyncio's transports and
+protocols (a request is a few bytes written at once; :class:`_Reader` reads
+the answer as it arrives, which costs a backend a fraction of what a general
+HTTP client does per change, see ``python -m bench.change_cost``):
 
 * one HTTP/1.1 connection per :class:`ConsulClient`, kept alive across
   blocking queries and opened again only after an error or when the agent
@@ -28,40 +29,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
+import functools
 import importlib
-import ipaddress
-import logging
+import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import consul
 import consul.base
-from tornado import httpclient, httputil, iostream, locks, netutil, tcpclient
-from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
+from tornado import locks
 
 from .settings import Settings
-
-_CONSUL_IO: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "sprockets_status_consul_io", default=False
-)
-
-
-class _QuietConsulIO(logging.Filter):
-    """Drops what Tornado logs about this module's own connections.
-
-    Tornado logs a failed TLS handshake or a malformed answer on every
-    attempt; the watcher already reports each failure once per change of
-    state. Records about any other connection of the process pass.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not _CONSUL_IO.get()
-
-
-logging.getLogger("tornado.general").addFilter(_QuietConsulIO())
 
 Check = dict[str, str]
 """A health check as Consul reports it, reduced to its string fields."""
@@ -93,6 +73,16 @@ to be closed before any answer came."""
 _MAX_ANSWER = 16 << 20
 """The largest answer read, in bytes: far above anything the agent sends."""
 
+_MAX_HEAD = 64 << 10
+"""The longest status line and headers (or chunk size line) read, in bytes."""
+
+
+def _bytes(data: str | bytes | None) -> bytes:
+    """A request body as the ``consul`` package gives it, as bytes."""
+    if data is None:
+        return b""
+    return data.encode("utf-8") if isinstance(data, str) else data
+
 
 def _endpoint(name: str) -> Any:
     """The ``consul`` package's endpoint class ``name`` (``"Agent"``, ...).
@@ -107,70 +97,8 @@ def _endpoint(name: str) -> Any:
     return getattr(module, name)
 
 
-class _LiteralResolver(netutil.Resolver):
-    """Answers an IP address at once; asks the default resolver for a name.
-
-    Tornado's default resolver runs ``getaddrinfo`` in a thread for every
-    connection, even to ``127.0.0.1``.
-    """
-
-    def initialize(self) -> None:
-        self._names = netutil.Resolver()
-
-    async def resolve(
-        self, host: str, port: int, family: socket.AddressFamily = socket.AF_UNSPEC
-    ) -> list[tuple[int, Any]]:
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            names: list[tuple[int, Any]] = await self._names.resolve(host, port, family)
-            return names
-        if address.version == 6:
-            return [(socket.AF_INET6, (host, port, 0, 0))]
-        return [(socket.AF_INET, (host, port))]
-
-
-class _Answer(httputil.HTTPMessageDelegate):
-    """One answer as :class:`~tornado.http1connection.HTTP1Connection` reads it."""
-
-    def __init__(self) -> None:
-        self.start_line: httputil.ResponseStartLine | None = None
-        self.headers: httputil.HTTPHeaders | None = None
-        self.chunks: list[bytes] = []
-        self.complete = False
-
-    def headers_received(
-        self,
-        start_line: httputil.RequestStartLine | httputil.ResponseStartLine,
-        headers: httputil.HTTPHeaders,
-    ) -> None:
-        assert isinstance(start_line, httputil.ResponseStartLine)
-        self.start_line = start_line
-        self.headers = headers
-
-    def data_received(self, chunk: bytes) -> None:
-        self.chunks.append(chunk)
-
-    def finish(self) -> None:
-        self.complete = True
-
-    @property
-    def code(self) -> int:
-        return self.start_line.code if self.start_line is not None else 0
-
-    @property
-    def body(self) -> bytes:
-        return b"".join(self.chunks)
-
-    @property
-    def keeps_alive(self) -> bool:
-        """Whether the agent lets the connection carry another request."""
-        if self.start_line is None or self.headers is None:
-            return False
-        connection = self.headers.get("Connection", "").lower()
-        if self.start_line.version == "HTTP/1.1":
-            return connection != "close"
-        return connection == "keep-alive"
+class _Malformed(Exception):
+    """The agent's answer is not HTTP/1.1 as this client reads it."""
 
 
 class _Closed(Exception):
@@ -182,73 +110,305 @@ class _Closed(Exception):
         self.answered = answered
 
 
+class _Answer(NamedTuple):
+    code: int
+    headers: dict[str, str]  # names as Consul writes them: "X-Consul-Index"
+    body: bytes
+    keeps_alive: bool
+
+
+@functools.lru_cache(maxsize=256)
+def _header_name(name: str) -> str:
+    """``x-consul-index`` as ``X-Consul-Index``: how Consul (Go) writes names."""
+    return "-".join(word.capitalize() for word in name.split("-"))
+
+
+class _Reader(asyncio.Protocol):
+    """Reads the answers that arrive on one connection (RFC 9112, the parts an
+    agent uses): a status line, headers, then a body of ``Content-Length``
+    bytes, in chunks, or up to the end of the connection.
+
+    :meth:`expect` returns the future of the next answer. Whatever goes wrong
+    (bytes that are not HTTP, an answer over the limit, a close before the
+    end) fails that future; nothing is ever raised into the event loop.
+    """
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self._buffer = bytearray()
+        self._waiter: asyncio.Future[_Answer] | None = None
+        self._head: tuple[int, dict[str, str], bool] | None = None
+        self._length: int | None = None  # None: in chunks, or up to the end
+        self._chunked = False
+        self._chunks: list[bytes] = []
+        self._received = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def idle(self) -> bool:
+        """Whether the connection may carry a new request."""
+        return not self.closed and self._waiter is None and not self._buffer
+
+    def expect(self) -> asyncio.Future[_Answer]:
+        assert self._waiter is None
+        self._waiter = asyncio.get_running_loop().create_future()
+        self._head, self._chunks, self._received = None, [], 0
+        return self._waiter
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        if self._waiter is None:
+            return  # nothing was asked: idle() now says the connection is spoilt
+        try:
+            answer = self._parse()
+        except _Malformed as error:
+            self._fail(error)
+            self.abort()
+            return
+        if answer is not None:
+            waiter, self._waiter = self._waiter, None
+            if not waiter.done():
+                waiter.set_result(answer)
+
+    def eof_received(self) -> bool:
+        return False  # close; connection_lost says the rest
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._waiter is None:
+            return
+        head = self._head
+        if head is not None and self._length is None and not self._chunked:
+            # A body that ends with the connection: this is its end.
+            code, headers, _ = head
+            body = bytes(self._buffer)
+            self._buffer.clear()
+            waiter, self._waiter = self._waiter, None
+            if not waiter.done():
+                waiter.set_result(_Answer(code, headers, body, False))
+            return
+        answered = head is not None or bool(self._buffer)
+        if exc is not None and not isinstance(
+            exc, (ConnectionResetError, BrokenPipeError)
+        ):
+            self._fail(exc)
+        else:
+            reason = "connection closed mid-answer" if answered else "connection closed"
+            self._fail(_Closed(reason, answered))
+
+    def abort(self) -> None:
+        """Close the connection now, without waiting for anything."""
+        self.closed = True
+        transport = self.transport
+        if transport is None:
+            return
+        try:
+            transport.abort()
+        except RuntimeError:
+            # Its event loop was closed with a query waiting: end the
+            # connection for the agent now; the socket goes with the transport.
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def _fail(self, error: BaseException) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(error)
+
+    def _parse(self) -> _Answer | None:
+        """The answer, once all of it is in the buffer; ``None`` until then."""
+        buffer = self._buffer
+        if self._head is None:
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buffer) > _MAX_HEAD:
+                    raise _Malformed("headers too long")
+                return None
+            self._head = self._read_head(bytes(buffer[:end]).decode("latin-1"))
+            del buffer[: end + 4]
+        code, headers, keeps_alive = self._head
+        if self._chunked:
+            if not self._read_chunks():
+                return None
+            body = b"".join(self._chunks)
+        elif self._length is not None:
+            if len(buffer) < self._length:
+                return None
+            body = bytes(buffer[: self._length])
+            del buffer[: self._length]
+        else:
+            if len(buffer) > _MAX_ANSWER:
+                raise _Malformed("answer too large")
+            return None  # up to the end of the connection
+        # Bytes after a complete answer that nobody asked for: idle() is False.
+        return _Answer(code, headers, body, keeps_alive)
+
+    def _read_head(self, text: str) -> tuple[int, dict[str, str], bool]:
+        status, *lines = text.split("\r\n")
+        version, _, rest = status.partition(" ")
+        code_text = rest[:3]
+        if version not in ("HTTP/1.1", "HTTP/1.0") or not (
+            code_text.isdigit() and rest[3:4] in ("", " ")
+        ):
+            raise _Malformed(f"not an HTTP status line: {status[:40]!r}")
+        code = int(code_text)
+        if not 200 <= code <= 599:
+            raise _Malformed(f"unexpected status {code}")
+        headers: dict[str, str] = {}
+        for line in lines:
+            name, colon, value = line.partition(":")
+            if not colon or not name or name != name.strip() or line[0] in " \t":
+                raise _Malformed(f"not a header line: {line[:40]!r}")
+            name = _header_name(name)
+            value = value.strip(" \t")
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        connection = headers.get("Connection", "").lower()
+        if version == "HTTP/1.1":
+            keeps_alive = connection != "close"
+        else:
+            keeps_alive = connection == "keep-alive"
+        self._chunked, self._length = False, None
+        coding = headers.get("Transfer-Encoding")
+        length = headers.get("Content-Length")
+        if code in (204, 304):
+            self._length = 0
+        elif coding is not None:
+            if coding.lower().rsplit(",", 1)[-1].strip() != "chunked":
+                raise _Malformed(f"unknown Transfer-Encoding {coding[:40]!r}")
+            self._chunked = True
+        elif length is not None:
+            if not length.isdigit():
+                raise _Malformed(f"bad Content-Length {length[:40]!r}")
+            self._length = int(length)
+            if self._length > _MAX_ANSWER:
+                raise _Malformed("answer too large")
+        else:
+            keeps_alive = False  # the body ends with the connection
+        return code, headers, keeps_alive
+
+    def _read_chunks(self) -> bool:
+        """Move whole chunks from the buffer to the body; whether the last came."""
+        buffer = self._buffer
+        while True:
+            end = buffer.find(b"\r\n")
+            if end < 0:
+                if len(buffer) > _MAX_HEAD:
+                    raise _Malformed("chunk size line too long")
+                return False
+            size_text = bytes(buffer[:end]).split(b";", 1)[0].strip()
+            try:
+                size = int(size_text, 16)
+            except ValueError:
+                raise _Malformed(f"bad chunk size {size_text[:20]!r}") from None
+            if size_text.startswith((b"-", b"+", b"0x", b"0X")):
+                raise _Malformed(f"bad chunk size {size_text[:20]!r}")
+            if size == 0:
+                # The last chunk, then trailers (none from Consul) and a CRLF.
+                trailers = buffer.find(b"\r\n", end + 2)
+                if trailers == end + 2:
+                    del buffer[: end + 4]
+                    return True
+                last = buffer.find(b"\r\n\r\n", end + 2)
+                if last < 0:
+                    return False
+                del buffer[: last + 4]
+                return True
+            if len(buffer) < end + 2 + size + 2:
+                return False
+            if buffer[end + 2 + size : end + 4 + size] != b"\r\n":
+                raise _Malformed("chunk not followed by CRLF")
+            self._received += size
+            if self._received > _MAX_ANSWER:
+                raise _Malformed("answer too large")
+            self._chunks.append(bytes(buffer[end + 2 : end + 2 + size]))
+            del buffer[: end + 4 + size]
+
+
+class _Request(NamedTuple):
+    """One request as the connection sends it."""
+
+    method: str
+    target: str  # path and query
+    headers: dict[str, str]
+    body: bytes
+    timeout: float  # for the whole exchange
+    connect_timeout: float
+
+
 class _Connection:
     """One HTTP/1.1 connection to the agent, kept alive between requests.
 
     Requests take turns (a lock); the connection opens on the first request,
     stays open while the agent keeps it alive, and closes after any error, a
     missed deadline or a cancelled request, whose state on the wire is then
-    unknown. The next request opens a new one.
+    unknown. The next request opens a new one. It is built on asyncio's
+    transports and protocols: the request is a few bytes written at once,
+    and the answer is read by :class:`_Reader` as it arrives.
     """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._host_header = settings.address.split("://", 1)[1]
-        self._tcp = tcpclient.TCPClient(resolver=_LiteralResolver())
-        self._params = HTTP1ConnectionParameters(
-            max_body_size=_MAX_ANSWER, decompress=False
-        )
-        self._stream: iostream.IOStream | None = None
+        self._reader: _Reader | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = locks.Lock()
         self._tls: ssl.SSLContext | None = None
         self._closes = 0  # calls of close(), which a retry must not undo
 
     @property
-    def _connections(self) -> set[iostream.IOStream]:
+    def _connections(self) -> set[_Reader]:
         """The open connection, if any, as a set (empty or one)."""
-        return {self._stream} if self._stream is not None else set()
+        reader = self._reader
+        return {reader} if reader is not None and not reader.closed else set()
 
-    async def fetch(
-        self, request: httpclient.HTTPRequest, target: str
-    ) -> tuple[int, httputil.HTTPHeaders, bytes]:
-        """Send ``request`` to ``target`` (path and query); the code,
-        headers and body of the answer.
+    async def fetch(self, request: _Request) -> _Answer:
+        """Send ``request``; the agent's answer.
 
         :raises ssl.SSLError: TLS failed.
         :raises OSError: the agent cannot be reached.
         :raises TimeoutError: no answer before the request's deadline.
         :raises _Closed: the connection closed before a complete answer.
-        :raises httputil.HTTPInputError: the answer is not HTTP.
+        :raises _Malformed: the answer is not HTTP.
         """
         async with self._lock:
             loop = asyncio.get_running_loop()
-            deadline = loop.time() + float(request.request_timeout or 0)
-            reused = self._stream is not None and not self._stream.closed()
+            deadline = loop.time() + request.timeout
+            reused = self._usable(loop)
             closes = self._closes
             try:
-                return await self._exchange(request, target, deadline)
+                return await self._exchange(request, deadline)
             except _Closed as closed:
                 if not reused or closed.answered or closes != self._closes:
                     raise
                 if request.method not in _RETRIED_METHODS:
                     raise
             # The agent had closed the kept-alive connection: once more, anew.
-            return await self._exchange(request, target, deadline)
+            return await self._exchange(request, deadline)
 
-    async def _exchange(
-        self, request: httpclient.HTTPRequest, target: str, deadline: float
-    ) -> tuple[int, httputil.HTTPHeaders, bytes]:
+    def _usable(self, loop: asyncio.AbstractEventLoop) -> bool:
+        return self._reader is not None and self._reader.idle() and self._loop is loop
+
+    async def _exchange(self, request: _Request, deadline: float) -> _Answer:
+        loop = asyncio.get_running_loop()
         expired: list[bool] = []
 
         def expire() -> None:
             expired.append(True)
-            stream.close()
+            reader.abort()
 
         try:
-            stream = await self._connect(request, deadline)
-            timer = asyncio.get_running_loop().call_at(deadline, expire)
+            reader = await self._connect(loop, request, deadline)
+            timer = loop.call_at(deadline, expire)
             try:
-                answer = await self._send(stream, request, target)
+                answer = reader.expect()
+                assert reader.transport is not None
+                reader.transport.write(self._encode(request))
+                result = await answer
             except _Closed:
                 if not expired:
                     raise
@@ -258,34 +418,47 @@ class _Connection:
         except BaseException:
             self._drop()  # an unknown state on the wire
             raise
-        if stream.closed() or not answer.keeps_alive:
+        if not result.keeps_alive or not reader.idle():
             self._drop()
-        assert answer.headers is not None  # a complete answer has its headers
-        return answer.code, answer.headers, answer.body
+        return result
+
+    def _encode(self, request: _Request) -> bytes:
+        headers = dict(request.headers, Host=self._host_header)
+        if request.body or request.method in ("PUT", "POST"):
+            headers["Content-Length"] = str(len(request.body))
+        lines = [f"{request.method} {request.target} HTTP/1.1"]
+        for name, value in headers.items():
+            if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
+                raise ValueError(f"a line break in the {name} header")
+            lines.append(f"{name}: {value}")
+        lines.append("\r\n")
+        return "\r\n".join(lines).encode("latin-1") + request.body
 
     async def _connect(
-        self, request: httpclient.HTTPRequest, deadline: float
-    ) -> iostream.IOStream:
-        stream = self._stream
-        if stream is not None and not stream.closed():
-            return stream
+        self, loop: asyncio.AbstractEventLoop, request: _Request, deadline: float
+    ) -> _Reader:
+        if self._usable(loop):
+            assert self._reader is not None
+            return self._reader
         self._drop()
         settings = self.settings
-        left = deadline - asyncio.get_running_loop().time()
-        timeout = min(float(request.connect_timeout or 0), left)
+        tls = self._tls_context() if settings.scheme == "https" else None
+        timeout = min(request.connect_timeout, deadline - loop.time())
         try:
-            stream = await self._tcp.connect(
-                settings.host,
-                settings.port,
-                ssl_options=self._tls_context() if settings.scheme == "https" else None,
-                timeout=max(timeout, 0.001),
+            _, reader = await asyncio.wait_for(
+                loop.create_connection(
+                    _Reader,
+                    settings.host,
+                    settings.port,
+                    ssl=tls,
+                    server_hostname=settings.host if tls is not None else None,
+                ),
+                max(timeout, 0.001),
             )
-        except iostream.StreamClosedError as error:
-            raise error.real_error or OSError("closed") from None
-        except TimeoutError:
+        except asyncio.TimeoutError:
             raise TimeoutError("Timeout while connecting") from None
-        self._stream = stream
-        return stream
+        self._reader, self._loop = reader, loop
+        return reader
 
     def _tls_context(self) -> ssl.SSLContext:
         """The TLS settings, made on first use (a bad file fails a request)."""
@@ -303,36 +476,6 @@ class _Connection:
             self._tls = context
         return self._tls
 
-    async def _send(
-        self, stream: iostream.IOStream, request: httpclient.HTTPRequest, target: str
-    ) -> _Answer:
-        connection = HTTP1Connection(stream, True, self._params)
-        headers = request.headers  # this module's own request: add to it
-        headers["Host"] = self._host_header
-        body = request.body or b""
-        if body or request.method in ("PUT", "POST"):
-            headers["Content-Length"] = str(len(body))
-        answer = _Answer()
-        try:
-            connection.write_headers(
-                httputil.RequestStartLine(request.method, target, "HTTP/1.1"),
-                headers,
-                body or None,
-            )
-            connection.finish()
-            await connection.read_response(answer)
-        except iostream.StreamClosedError as error:
-            if error.real_error is not None and not isinstance(
-                error.real_error, (ConnectionResetError, BrokenPipeError)
-            ):
-                raise error.real_error from None
-            raise _Closed(
-                "connection closed", answered=answer.start_line is not None
-            ) from None
-        if not answer.complete:
-            raise _Closed("connection closed mid-answer", answered=True)
-        return answer
-
     def close(self) -> None:
         """Close the connection now; a request waiting on it ends.
 
@@ -342,13 +485,9 @@ class _Connection:
         self._drop()
 
     def _drop(self) -> None:
-        stream, self._stream = self._stream, None
-        if stream is None:
-            return
-        with contextlib.suppress(RuntimeError):
-            # RuntimeError: its event loop was closed with a query waiting;
-            # the socket is closed, only telling the (gone) waiter failed.
-            stream.close()
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.abort()
 
 
 class _HTTPClient(consul.base.HTTPClient):  # type: ignore[misc]
@@ -439,7 +578,7 @@ class _HTTPClient(consul.base.HTTPClient):  # type: ignore[misc]
         timeout: float | None,
     ) -> Awaitable[Any]:
         """Build the request of one endpoint call; its answer, through ``callback``."""
-        fields = httputil.HTTPHeaders(headers or {})
+        fields = dict(headers or {})
         kept: list[tuple[str, Any]] = []
         for name, value in params or ():
             if name == "token":
@@ -455,20 +594,13 @@ class _HTTPClient(consul.base.HTTPClient):  # type: ignore[misc]
             if wait is not None:
                 # Consul adds up to wait/16 of jitter to a blocking query.
                 timeout += _seconds(wait) * 17 / 16
-        request = httpclient.HTTPRequest(
-            self.uri(path, kept),
-            method=method,
-            headers=fields,
-            body=data if method != "GET" else None,
-            connect_timeout=settings.timeout,
-            request_timeout=timeout,
-            follow_redirects=False,  # Consul never redirects; keep the token here
-            validate_cert=settings.verify,
-            ca_certs=settings.ca_file,
-            client_cert=settings.cert_file,
-            client_key=settings.key_file,
-            # Small answers: gzip costs both ends more than it saves.
-            decompress_response=False,
+        request = _Request(
+            method,
+            self.uri(path, kept)[len(self.base_uri) :],
+            fields,
+            _bytes(data) if method != "GET" else b"",
+            timeout,
+            settings.timeout,
         )
         if raw:
             return self._request(callback, request, raw=True)
@@ -477,16 +609,12 @@ class _HTTPClient(consul.base.HTTPClient):  # type: ignore[misc]
     async def _request(
         self,
         callback: Callable[[Any], Any],
-        request: httpclient.HTTPRequest,
+        request: _Request,
         raw: bool = False,
     ) -> Any:
-        target = request.url[len(self.base_uri) :]
-        path = target.split("?", 1)[0]
-        # Marks what Tornado does for this request: its callbacks run in a
-        # copy of this context (see _QuietConsulIO).
-        marked = _CONSUL_IO.set(True)
+        path = request.target.split("?", 1)[0]
         try:
-            code, headers, body = await self.client.fetch(request, target)
+            code, headers, body, _ = await self.client.fetch(request)
         except ssl.SSLError as error:
             raise ConsulError(
                 f"TLS with {self.base_uri} failed: {error.reason or error}; "
@@ -496,18 +624,14 @@ class _HTTPClient(consul.base.HTTPClient):  # type: ignore[misc]
             raise ConsulTimeout(
                 f"no answer from {self.base_uri}{path}: {error or 'Timeout'}"
             ) from None
-        except (_Closed, httputil.HTTPInputError) as error:
+        except (_Closed, _Malformed) as error:
             raise ConsulError(
                 f"no answer from {self.base_uri}{path}: {error}"
             ) from None
         except OSError as error:
-            reason = error.strerror or str(error) or type(error).__name__
-            raise ConsulError(f"cannot reach {self.base_uri}: {reason}") from None
-        finally:
-            with contextlib.suppress(ValueError):
-                # ValueError: a collected task's coroutine is closed in
-                # whatever context the collector runs in; nothing to undo.
-                _CONSUL_IO.reset(marked)
+            raise ConsulError(
+                f"cannot reach {self.base_uri}: {_reason(error)}"
+            ) from None
         try:
             return callback(self._response(code, headers, body, raw))
         except consul.ACLPermissionDenied as error:
@@ -532,9 +656,7 @@ class _HTTPClient(consul.base.HTTPClient):  # type: ignore[misc]
             raise self._unusable(path, code, error) from None
 
     @staticmethod
-    def _response(
-        code: int, headers: httputil.HTTPHeaders, body: bytes, raw: bool
-    ) -> Any:
+    def _response(code: int, headers: dict[str, str], body: bytes, raw: bool) -> Any:
         """The ``consul`` package's ``Response``: python-consul2's has a
         fourth field, the body's bytes."""
         fields = {
@@ -730,6 +852,13 @@ def _loading(setting: str, path: str | None) -> Iterator[None]:
         raise ConsulError(
             f"cannot load the TLS file(s) of {setting} ({path}): {reason or error}"
         ) from None
+
+
+def _reason(error: OSError) -> str:
+    """Why a connection failed, in the system's words ("Connection refused")."""
+    if error.errno and not isinstance(error, socket.gaierror):
+        return os.strerror(error.errno)
+    return error.strerror or str(error) or type(error).__name__
 
 
 def _index(raw: Any, path: str) -> int:

@@ -8,7 +8,6 @@ import time
 from typing import Any
 
 import pytest
-from tornado import httpclient
 
 from sprockets_status_consul.settings import Settings
 from sprockets_status_consul.transport import ConsulClient, ConsulError
@@ -27,9 +26,9 @@ def client_for(agent: AgentBase, **settings: Any) -> ConsulClient:
 def test_request_timeout_follows_wait() -> None:
     """A blocking query may outlive Tornado's 20 s default request timeout."""
     client = ConsulClient(Settings(timeout=2.0))
-    seen: list[httpclient.HTTPRequest] = []
+    seen: list[Any] = []
 
-    async def fake_request(callback: Any, request: httpclient.HTTPRequest) -> None:
+    async def fake_request(callback: Any, request: Any) -> None:
         seen.append(request)
 
     client.http._request = fake_request
@@ -40,12 +39,12 @@ def test_request_timeout_follows_wait() -> None:
     )
     asyncio.run(client.http.get(None, "/v1/agent/self"))
     blocking, plain = seen
-    assert blocking.request_timeout == pytest.approx(2.0 + 60 * 17 / 16)
+    assert blocking.timeout == pytest.approx(2.0 + 60 * 17 / 16)
     assert blocking.connect_timeout == plain.connect_timeout == 2.0
-    assert plain.request_timeout == 2.0
+    assert plain.timeout == 2.0
     # The watcher's reads need no leader: any server may answer them.
-    assert "stale=1" in blocking.url
-    assert "stale" not in plain.url
+    assert "stale=1" in blocking.target
+    assert "stale" not in plain.target
 
 
 def test_node_name_and_checks(consul_agent: AgentBase) -> None:
@@ -160,15 +159,42 @@ def test_failed_connects_leave_no_connection_behind() -> None:
 
 
 def test_the_token_does_not_follow_redirects() -> None:
-    client = ConsulClient(Settings(token="s3cr3t"))
-    seen: list[httpclient.HTTPRequest] = []
+    """A redirect is an answer like any other: nothing is sent where it points."""
 
-    async def fake_request(callback: Any, request: httpclient.HTTPRequest) -> None:
-        seen.append(request)
+    async def main() -> None:
+        elsewhere: list[bytes] = []
 
-    client.http._request = fake_request
-    asyncio.run(client.http.get(None, "/v1/agent/self"))
-    assert seen[0].follow_redirects is False
+        async def record(reader: asyncio.StreamReader, writer: Any) -> None:
+            elsewhere.append(await reader.read(1000))
+            writer.close()
+
+        async def redirect(reader: asyncio.StreamReader, writer: Any) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(
+                b"HTTP/1.1 307 Temporary Redirect\r\nContent-Length: 0\r\n"
+                + f"Location: http://127.0.0.1:{other_port}/v1/agent/self".encode()
+                + b"\r\n\r\n"
+            )
+            await writer.drain()
+            writer.close()
+
+        other = await asyncio.start_server(record, "127.0.0.1", 0)
+        other_port = other.sockets[0].getsockname()[1]
+        agent = await asyncio.start_server(redirect, "127.0.0.1", 0)
+        port = agent.sockets[0].getsockname()[1]
+        client = ConsulClient(Settings(port=port, token="s3cr3t"))
+        try:
+            with pytest.raises(ConsulError) as raised:
+                await client.node_name()
+            await asyncio.sleep(0.05)  # a redirect followed would have arrived
+        finally:
+            client.close()
+            other.close()
+            agent.close()
+        assert elsewhere == []
+        assert "s3cr3t" not in str(raised.value)
+
+    asyncio.run(main())
 
 
 @pytest.mark.parametrize(
