@@ -220,41 +220,23 @@ async def make_app(
     return app, ssc.stop
 
 
-class ChangeReporter(logging.Handler):
-    """Prints ``status MONOTONIC STATUS`` whenever the watcher's answer changes.
-
-    The watcher logs a line when maintenance starts or ends; on any line of
-    the library's this handler looks at the watcher's answer once the
-    watcher is done with it (``call_soon``), and prints the time of a change.
-    It costs a backend a log record and a line on stdout per change, nothing
-    while nothing changes.
-    """
-
-    def __init__(self, watcher: Any) -> None:
-        super().__init__(logging.INFO)
-        self.watcher = watcher
-        self.loop = asyncio.get_running_loop()
-        self.last = watcher.status().status
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.loop.call_soon(self.check)
-
-    def check(self) -> None:
-        status = self.watcher.status().status
-        if status != self.last:
-            self.last = status
-            print(f"status {time.monotonic():.6f} {status}", flush=True)
-
-
 def report_changes(app: web.Application) -> None:
-    """Attach a :class:`ChangeReporter` to the application's watcher."""
+    """Print ``status MONOTONIC STATUS`` each time ``/status``'s answer changes.
+
+    A listener (:func:`~sprockets_status_consul.on_change`): what an
+    application that acts on changes does, and what it costs it, a line on
+    stdout per change and nothing while nothing changes. The library's log
+    stays at WARNING, as the root logger is set: an INFO line per change is
+    the application's choice, and its cost is measured apart
+    (``python -m bench.change_cost --log-info``).
+    """
     import sprockets_status_consul as ssc
 
-    for handler in logging.getLogger().handlers:  # the log stays at WARNING
-        handler.setLevel(logging.WARNING)
-    logger = logging.getLogger(ssc.__name__)
-    logger.setLevel(logging.INFO)
-    logger.addHandler(ChangeReporter(ssc.watch(app)))
+    def report(old: Any, new: Any) -> None:
+        if new.status != old.status:
+            print(f"status {time.monotonic():.6f} {new.status}", flush=True)
+
+    ssc.on_change(app, report)
 
 
 async def serve(kind: str, consul: str, follow: dict[str, Any], changes: bool) -> None:
@@ -292,6 +274,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="print 'status MONOTONIC STATUS' when the answer changes",
     )
+    parser.add_argument(
+        "--log-info",
+        action="store_true",
+        help="log the library's INFO lines (one per maintenance change) to stderr",
+    )
     args = parser.parse_args(argv)
     following = args.key or args.ttl or args.report_changes
     if following and args.kind not in ("poll", "watch"):
@@ -302,6 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.ttl:
         follow["ttl"] = args.ttl
     logging.basicConfig(level=logging.WARNING, format="%(name)s %(message)s")
+    if args.log_info:
+        logging.getLogger("sprockets_status_consul").setLevel(logging.INFO)
     asyncio.run(serve(args.kind, args.consul, follow, args.report_changes))
     return 0
 

@@ -1,10 +1,13 @@
 """What a change costs a backend: CPU from the socket to the new status in memory.
 
-``python -m bench.change_cost`` starts a Consul dev agent and one backend
-process (``python -m bench.backends --kind watch``) following its node, flips
+``python -m bench.change_cost`` starts a Consul dev agent and, one after the
+other, three processes following its node: :mod:`bench.floor` (the least a
+Python process can do per change), and a backend (``python -m bench.backends
+--kind watch --report-changes``, whose listener prints each change) with the
+library's log at WARNING, then at INFO (one log line per change). It flips
 node maintenance ``--flips`` times, and after each flip waits until the
-backend has reported the change (``--report-changes``): so each flip is one
-answer to one blocking query, parsed, judged and stored. It reads the
+process has reported the change: so each flip is one answer to one blocking
+query, parsed, judged and stored. It reads the
 backend's CPU time (every thread's, see :func:`bench.common.cpu_ns`) before
 and after, takes away what the backend spends idle over as long, and prints
 the CPU per change. The backend serves no request meanwhile. Linux only.
@@ -26,7 +29,14 @@ import time
 from pathlib import Path
 
 from bench import common
-from bench.common import Agent, Backend, Processes, cpu_ns, start_backends
+from bench.common import (
+    Agent,
+    Backend,
+    Processes,
+    cpu_ns,
+    first_line,
+    start_backends,
+)
 
 CHANGE_TIMEOUT = 10.0
 """Seconds a flip may take to reach the backend."""
@@ -44,15 +54,37 @@ async def flip(agent: Agent, backend: Backend, count: int, seen: int) -> int:
     return seen + count
 
 
-async def measure(agent: Agent, flips: int, profile: str | None) -> tuple[int, float]:
-    """The backend's CPU over ``flips`` changes and its idle CPU over as long, in ns."""
+CLIENTS = {
+    "floor (bench.floor)": None,
+    "library": ["--report-changes"],
+    "library, INFO log line": ["--report-changes", "--log-info"],
+}
+"""What follows the node: the floor, and the library's backend (ttl 60 s),
+with the library's log at WARNING and at INFO."""
+
+
+async def start(procs: Processes, agent: Agent, options: list[str] | None) -> Backend:
+    if options is not None:
+        [backend] = await start_backends(
+            procs, "watch", [agent.http_addr], options=["--ttl", "60", *options]
+        )
+        return backend
+    args = [sys.executable, "-m", "bench.floor", "--consul", agent.http_addr]
+    process, log = await procs.spawn(args, name="floor")
+    word, _, pid = (await first_line(process, log, "bench.floor")).split()
+    if word != "ready":
+        raise RuntimeError(f"bench.floor said {word!r}")
+    return Backend("floor", 0, int(pid), process)
+
+
+async def measure(
+    agent: Agent, options: list[str] | None, flips: int, profile: str | None
+) -> tuple[int, float]:
+    """A client's CPU over ``flips`` changes and its idle CPU over as long, in ns."""
     with tempfile.TemporaryDirectory(prefix="ssc-change-cost-") as logdir:
         procs = Processes(Path(logdir))
         try:
-            options = ["--ttl", "60", "--report-changes"]
-            [backend] = await start_backends(
-                procs, "watch", [agent.http_addr], options=options
-            )
+            backend = await start(procs, agent, options)
             pid = backend.pid
             seen = await flip(agent, backend, 10, 0)  # warm up
             idle_start, idle_cpu = time.monotonic(), cpu_ns(pid)
@@ -89,18 +121,20 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     agent = common.start_agent(common.consul_binary(), "127.0.0.1")
+    print("| client | changes | CPU | idle CPU over as long | CPU per change |")
+    print("|---|---|---|---|---|")
     try:
-        cpu, idle = asyncio.run(measure(agent, args.flips, args.profile))
+        for name, options in CLIENTS.items():
+            profile = args.profile if name == "library" else None
+            cpu, idle = asyncio.run(measure(agent, options, args.flips, profile))
+            per_change_ms = (cpu - idle) / args.flips / 1e6
+            print(
+                f"| {name} | {args.flips} | {cpu / 1e6:.1f} ms "
+                f"| {idle / 1e6:.1f} ms | {per_change_ms:.3f} ms |",
+                flush=True,
+            )
     finally:
         agent.stop()
-
-    per_change_ms = (cpu - idle) / args.flips / 1e6
-    print("| changes | backend CPU | idle CPU over as long | CPU per change |")
-    print("|---|---|---|---|")
-    print(
-        f"| {args.flips} | {cpu / 1e6:.1f} ms | {idle / 1e6:.1f} ms "
-        f"| {per_change_ms:.3f} ms |"
-    )
     return 0
 
 
