@@ -29,6 +29,7 @@ import random
 import secrets
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,8 +40,10 @@ from bench.loadgen import KeepAliveClient, percentile
 
 TARGET_WORST_MS = {64: 25.0}
 TARGET_CPU_MS = 0.3
-MODES = {"blocking": "watch", "polling": "poll"}
-"""The library's two ways to follow Consul, and the backend kind of each."""
+MODES = {"blocking": "watch", "polling": "poll", "floor": "floor"}
+"""The library's two ways to follow Consul, and the backend kind of each; and
+the floor, :mod:`bench.floor` following the key and doing nothing else: what
+Consul and the machine allow any client."""
 STATUS_CODE = {"maintenance": 503, "ok": 200}
 SETTLE = 0.1
 """Seconds after the last backend took a change before its CPU is read."""
@@ -266,6 +269,8 @@ async def _start(
     plan: Plan, bench: Bench, cluster: Cluster, key: str, count: int, kind: str
 ) -> list[Backend]:
     addresses = [cluster.clients[i % plan.agents].http_addr for i in range(count)]
+    if kind == "floor":
+        return await _start_floor(bench, addresses, key)
     options = ["--key", key, "--report-changes"]
     if plan.ttl is not None:
         options += ["--ttl", f"{plan.ttl:g}"]
@@ -275,6 +280,20 @@ async def _start(
         backends += await common.start_backends(
             bench.procs, kind, batch, options=options, timeout=120.0
         )
+    return backends
+
+
+async def _start_floor(bench: Bench, addresses: list[str], key: str) -> list[Backend]:
+    started = []
+    for address in addresses:
+        args = [sys.executable, "-m", "bench.floor", "--consul", address, "--key", key]
+        started.append(await bench.procs.spawn(args, name="floor"))
+    backends = []
+    for process, log in started:
+        word, _, pid = (await common.first_line(process, log, "bench.floor")).split()
+        if word != "ready":
+            raise RuntimeError(f"bench.floor said {word!r}")
+        backends.append(Backend("floor", 0, int(pid), process))
     return backends
 
 
@@ -292,7 +311,8 @@ async def _fleet(
     progress(f"fleet {mode} x{count}: starting the backends")
     backends = await _start(plan, bench, cluster, key, count, MODES[mode])
     changes = Changes(backends)
-    clients = [await KeepAliveClient.connect(b.port) for b in backends]
+    # The floor serves no /status: its reports are all there is to check.
+    clients = [await KeepAliveClient.connect(b.port) for b in backends if b.port]
     pids = [b.pid for b in backends]
     server = cluster.server.pid
     assert server is not None
@@ -430,7 +450,9 @@ def render(result: Result) -> list[str]:
         f"**5. Fleet**: one Consul server and {plan.agents} client agents on "
         f"loopback, B backend processes spread over the clients, each "
         f"following its node and one KV key (TTL {ttl}); blocking: the "
-        'defaults; polling: `"blocking": False`. Flip: the key written or '
+        'defaults; polling: `"blocking": False`; floor: `bench.floor`, a bare '
+        "asyncio client following the key with one blocking query and doing "
+        "nothing else (the least any Python client costs). Flip: the key written or "
         f"deleted, {plan.flips} flips in turn, after a pause of 0.2 to 0.4 s "
         "(polling: 0.2 s to a TTL, so that flips land anywhere in the polls' "
         "cycle); ms from the write being sent "
@@ -501,7 +523,7 @@ def plot(result: Result, path: Path | None) -> str:
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
     (latency, cpu), (sockets, server) = axes
     counts = list(plan.counts)
-    for mode, style in (("blocking", "-o"), ("polling", "--s")):
+    for mode, style in (("blocking", "-o"), ("polling", "--s"), ("floor", ":^")):
         rows = [r for r in result.rows if r.mode == mode]
         x = [r.backends for r in rows]
         for name, color, figure in (

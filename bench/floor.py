@@ -3,10 +3,11 @@
 ``python -m bench.floor --consul HOST:PORT`` follows the agent's node with
 one kept-alive connection and asyncio's streams, the least a Python process
 can do per change (read the answer, parse its JSON, see whether
-``_node_maintenance`` is critical, write the next query), and prints
+``_node_maintenance`` is critical, or with ``--key`` whether a KV key
+exists, write the next query), and prints
 ``ready 0 PID`` and then ``status MONOTONIC STATUS`` per change, as
-``bench.backends --report-changes`` does. :mod:`bench.change_cost` puts the
-library's CPU per change beside this one's.
+``bench.backends --report-changes`` does. :mod:`bench.change_cost` and
+:mod:`bench.fleet` put the library's figures beside this one's.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sys
 import time
 
 
-async def follow(address: str) -> None:
+async def follow(address: str, key: str | None) -> None:
     host, port = address.rsplit(":", 1)
     reader, writer = await asyncio.open_connection(host, int(port))
 
@@ -37,20 +38,24 @@ async def follow(address: str) -> None:
                 await reader.readline()
             await reader.readline()
             body = b"".join(chunks)
-        return int(headers.get("x-consul-index", 0)), json.loads(body)
+        return int(headers.get("x-consul-index", 0)), json.loads(body or b"null")
 
-    _, agent = await ask("/v1/agent/self")
-    node = agent["Config"]["NodeName"]  # type: ignore[index]
+    if key is None:
+        _, agent = await ask("/v1/agent/self")
+        path = f"/v1/health/node/{agent['Config']['NodeName']}"  # type: ignore[index]
+    else:
+        path = f"/v1/kv/{key}"
     print(f"ready 0 {os.getpid()}", flush=True)
     index, status = 0, None
     while True:
-        index, checks = await ask(
-            f"/v1/health/node/{node}?index={index}&wait=60000ms&stale=1"
-        )
-        critical = any(
-            c["CheckID"] == "_node_maintenance" and c["Status"] == "critical"
-            for c in checks  # type: ignore[attr-defined]
-        )
+        index, answer = await ask(f"{path}?index={index}&wait=60000ms&stale=1")
+        if key is None:
+            critical = any(
+                c["CheckID"] == "_node_maintenance" and c["Status"] == "critical"
+                for c in answer  # type: ignore[attr-defined]
+            )
+        else:
+            critical = answer is not None  # the key exists
         new = "maintenance" if critical else "ok"
         if status is not None and new != status:
             print(f"status {time.monotonic():.6f} {new}", flush=True)
@@ -60,7 +65,9 @@ async def follow(address: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.floor")
     parser.add_argument("--consul", required=True, help="the agent, host:port")
-    asyncio.run(follow(parser.parse_args(argv).consul))
+    parser.add_argument("--key", help="follow this KV key instead of the node")
+    args = parser.parse_args(argv)
+    asyncio.run(follow(args.consul, args.key))
     return 0
 
 

@@ -73,6 +73,9 @@ to be closed before any answer came."""
 _MAX_ANSWER = 16 << 20
 """The largest answer read, in bytes: far above anything the agent sends."""
 
+_READ_SIZE = 16 << 10
+"""Bytes read from the socket at a time."""
+
 _MAX_HEAD = 64 << 10
 """The longest status line and headers (or chunk size line) read, in bytes."""
 
@@ -123,10 +126,14 @@ def _header_name(name: str) -> str:
     return "-".join(word.capitalize() for word in name.split("-"))
 
 
-class _Reader(asyncio.Protocol):
+class _Reader(asyncio.BufferedProtocol):
     """Reads the answers that arrive on one connection (RFC 9112, the parts an
     agent uses): a status line, headers, then a body of ``Content-Length``
     bytes, in chunks, or up to the end of the connection.
+
+    Bytes arrive in a buffer of its own, allocated once (a plain
+    :class:`asyncio.Protocol` gets a new 256 KiB ``bytes`` per read, which the
+    system maps and unmaps each time).
 
     :meth:`expect` returns the future of the next answer. Whatever goes wrong
     (bytes that are not HTTP, an answer over the limit, a close before the
@@ -143,6 +150,7 @@ class _Reader(asyncio.Protocol):
         self._chunked = False
         self._chunks: list[bytes] = []
         self._received = 0
+        self._landing = memoryview(bytearray(_READ_SIZE))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -158,7 +166,13 @@ class _Reader(asyncio.Protocol):
         self._head, self._chunks, self._received = None, [], 0
         return self._waiter
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._landing
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self._landing[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
         self._buffer += data
         if self._waiter is None:
             return  # nothing was asked: idle() now says the connection is spoilt
