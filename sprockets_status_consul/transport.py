@@ -120,6 +120,11 @@ class _Answer(NamedTuple):
     keeps_alive: bool
 
 
+def _digits(text: str) -> bool:
+    """Whether ``text`` is ASCII digits only (``str.isdigit`` also takes "²")."""
+    return text.isascii() and text.isdigit()
+
+
 @functools.lru_cache(maxsize=256)
 def _header_name(name: str) -> str:
     """``x-consul-index`` as ``X-Consul-Index``: how Consul (Go) writes names."""
@@ -267,7 +272,7 @@ class _Reader(asyncio.BufferedProtocol):
         version, _, rest = status.partition(" ")
         code_text = rest[:3]
         if version not in ("HTTP/1.1", "HTTP/1.0") or not (
-            code_text.isdigit() and rest[3:4] in ("", " ")
+            _digits(code_text) and rest[3:4] in ("", " ")
         ):
             raise _Malformed(f"not an HTTP status line: {status[:40]!r}")
         code = int(code_text)
@@ -296,7 +301,7 @@ class _Reader(asyncio.BufferedProtocol):
                 raise _Malformed(f"unknown Transfer-Encoding {coding[:40]!r}")
             self._chunked = True
         elif length is not None:
-            if not length.isdigit():
+            if not _digits(length):
                 raise _Malformed(f"bad Content-Length {length[:40]!r}")
             self._length = int(length)
             if self._length > _MAX_ANSWER:

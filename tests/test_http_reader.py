@@ -122,6 +122,9 @@ def test_names_are_written_as_consul_writes_them_and_repeats_joined() -> None:
         (b"HTTP/1.1 200 OK\r\n folded: x\r\n\r\n", "not a header line"),
         (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "bad Content-Length"),
         (b"HTTP/1.1 200 OK\r\nContent-Length: 1, 1\r\n\r\n", "bad Content-Length"),
+        # Digits to str.isdigit(), not to int(): "²" is b"\xb2" in Latin-1.
+        (b"HTTP/1.1 \xb200 OK\r\n\r\n", "not an HTTP status line"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\n", "bad Content-Length"),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", "Transfer-Encoding"),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "chunk size"),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\n", "chunk size"),
