@@ -32,6 +32,7 @@ import contextlib
 import functools
 import importlib
 import os
+import re
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -77,7 +78,11 @@ _READ_SIZE = 16 << 10
 """Bytes read from the socket at a time."""
 
 _MAX_HEAD = 64 << 10
-"""The longest status line and headers (or chunk size line) read, in bytes."""
+"""The longest status line and headers (or chunk size line, or trailers) read,
+in bytes."""
+
+_HEX = re.compile(rb"[0-9A-Fa-f]+")
+"""A chunk size (``int(..., 16)`` also takes ``_``, ``0x`` and signs)."""
 
 
 def _bytes(data: str | bytes | None) -> bytes:
@@ -178,9 +183,12 @@ class _Reader(asyncio.BufferedProtocol):
         self.data_received(self._landing[:nbytes])
 
     def data_received(self, data: bytes | memoryview) -> None:
-        self._buffer += data
         if self._waiter is None:
-            return  # nothing was asked: idle() now says the connection is spoilt
+            # Nothing was asked: the connection is spoilt, and the agent may
+            # send on; close it rather than keep what comes.
+            self.abort()
+            return
+        self._buffer += data
         try:
             answer = self._parse()
         except _Malformed as error:
@@ -320,12 +328,11 @@ class _Reader(asyncio.BufferedProtocol):
                     raise _Malformed("chunk size line too long")
                 return False
             size_text = bytes(buffer[:end]).split(b";", 1)[0].strip()
-            try:
-                size = int(size_text, 16)
-            except ValueError:
-                raise _Malformed(f"bad chunk size {size_text[:20]!r}") from None
-            if size_text.startswith((b"-", b"+", b"0x", b"0X")):
+            if not _HEX.fullmatch(size_text):
                 raise _Malformed(f"bad chunk size {size_text[:20]!r}")
+            size = int(size_text, 16)
+            if self._received + size > _MAX_ANSWER:
+                raise _Malformed("answer too large")
             if size == 0:
                 # The last chunk, then trailers (none from Consul) and a CRLF.
                 trailers = buffer.find(b"\r\n", end + 2)
@@ -334,6 +341,8 @@ class _Reader(asyncio.BufferedProtocol):
                     return True
                 last = buffer.find(b"\r\n\r\n", end + 2)
                 if last < 0:
+                    if len(buffer) > _MAX_HEAD:
+                        raise _Malformed("trailers too long")
                     return False
                 del buffer[: last + 4]
                 return True
@@ -342,8 +351,6 @@ class _Reader(asyncio.BufferedProtocol):
             if buffer[end + 2 + size : end + 4 + size] != b"\r\n":
                 raise _Malformed("chunk not followed by CRLF")
             self._received += size
-            if self._received > _MAX_ANSWER:
-                raise _Malformed("answer too large")
             self._chunks.append(bytes(buffer[end + 2 : end + 2 + size]))
             del buffer[: end + 4 + size]
 

@@ -128,6 +128,7 @@ def test_names_are_written_as_consul_writes_them_and_repeats_joined() -> None:
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", "Transfer-Encoding"),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "chunk size"),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\n", "chunk size"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1_0\r\n", "chunk size"),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nabc", "CRLF"),
         (b"HTTP/1.1 200 OK\r\n" + b"X: " + b"y" * 70000, "headers too long"),
         (b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999\r\n\r\n", "too large"),
@@ -147,6 +148,26 @@ def test_a_body_over_the_limit_in_chunks(monkeypatch: pytest.MonkeyPatch) -> Non
     chunk = b"8\r\n12345678\r\n"
     error, _ = read(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", chunk * 2)
     assert isinstance(error, _Malformed) and "too large" in str(error)
+
+
+def test_a_chunk_over_the_limit_fails_at_its_size_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Not once the agent has sent that much: the size says it already."""
+    monkeypatch.setattr(transport, "_MAX_ANSWER", 10)
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    for size in (b"b\r\n", b"8\r\n12345678\r\n3\r\n", b"fffffffffffffffffff\r\n"):
+        error, _ = read(chunked, size)
+        assert isinstance(error, _Malformed) and "too large" in str(error), size
+
+
+def test_trailers_over_the_limit() -> None:
+    error, reader = read(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n",
+        b"X-Trailer: " + b"y" * 70000,
+    )
+    assert isinstance(error, _Malformed) and "trailers too long" in str(error)
+    assert reader.transport.aborted
 
 
 @pytest.mark.parametrize(
@@ -169,3 +190,11 @@ def test_bytes_nobody_asked_for_spoil_the_connection() -> None:
     answer, reader = read(HEAD, b"Content-Length: 2\r\n\r\n[]HTTP/1.1 200 OK\r\n")
     assert answer.body == b"[]"
     assert not reader.idle()
+
+
+def test_bytes_while_nothing_is_asked_close_the_connection() -> None:
+    """Rather than pile up until the next request: the agent may send on."""
+    answer, reader = read(HEAD, b"Content-Length: 2\r\n\r\n[]")
+    assert answer.body == b"[]" and reader.idle()
+    reader.data_received(b"HTTP/1.1 200 OK\r\n")
+    assert reader.transport.aborted and not reader.idle()
