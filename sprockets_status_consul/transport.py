@@ -153,6 +153,7 @@ class _Reader(asyncio.BufferedProtocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self._aborted = False
         self._buffer = bytearray()
         self._waiter: asyncio.Future[_Answer] | None = None
         self._head: tuple[int, dict[str, str], bool] | None = None
@@ -208,8 +209,15 @@ class _Reader(asyncio.BufferedProtocol):
         if self._waiter is None:
             return
         head = self._head
-        if head is not None and self._length is None and not self._chunked:
-            # A body that ends with the connection: this is its end.
+        if (
+            head is not None
+            and self._length is None
+            and not self._chunked
+            and exc is None
+            and not self._aborted
+        ):
+            # A body that ends with the connection: the agent's close is its
+            # end (not ours, after a missed deadline or close(); nor a reset).
             code, headers, _ = head
             body = bytes(self._buffer)
             self._buffer.clear()
@@ -228,7 +236,7 @@ class _Reader(asyncio.BufferedProtocol):
 
     def abort(self) -> None:
         """Close the connection now, without waiting for anything."""
-        self.closed = True
+        self.closed = self._aborted = True
         transport = self.transport
         if transport is None:
             return

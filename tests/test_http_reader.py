@@ -198,3 +198,24 @@ def test_bytes_while_nothing_is_asked_close_the_connection() -> None:
     assert answer.body == b"[]" and reader.idle()
     reader.data_received(b"HTTP/1.1 200 OK\r\n")
     assert reader.transport.aborted and not reader.idle()
+
+
+@pytest.mark.parametrize("end", ["abort", "reset"])
+def test_a_body_up_to_the_end_is_cut_short_by_a_close_not_ended(end: str) -> None:
+    """The client's own close (a missed deadline, close()) or a reset is not
+    the agent's end of the body: the answer is incomplete."""
+
+    async def main() -> Any:
+        reader = _Reader()
+        reader.connection_made(FakeTransport())
+        answer = reader.expect()
+        reader.data_received(b"HTTP/1.0 200 OK\r\n\r\n[1,")
+        if end == "abort":
+            reader.abort()
+            reader.connection_lost(None)
+        else:
+            reader.connection_lost(ConnectionResetError())
+        return answer.exception()
+
+    error = asyncio.run(main())
+    assert isinstance(error, _Closed) and error.answered

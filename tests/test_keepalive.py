@@ -377,3 +377,32 @@ def test_a_dev_agent_on_ipv6_loopback(make_dev_agent: Callable[..., DevAgent]) -
             client.close()
 
     asyncio.run(main())
+
+
+def test_a_body_up_to_the_end_that_misses_the_deadline_is_a_timeout() -> None:
+    """An answer without Content-Length or chunks, sent slowly: the deadline
+    ends it, and the part that came is not taken for the whole."""
+
+    async def main() -> None:
+        async def serve(
+            reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        ) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nX-Consul-Index: 5\r\n\r\n[")
+            with contextlib.suppress(ConnectionError):
+                while True:
+                    await asyncio.sleep(0.05)
+                    writer.write(b" ")
+                    await writer.drain()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client = client_at(f"http://127.0.0.1:{port}", timeout=0.3)
+        try:
+            with pytest.raises(ConsulError, match="Timeout"):
+                await client.node_checks("tiny")
+        finally:
+            client.close()
+            server.close()
+
+    asyncio.run(main())
