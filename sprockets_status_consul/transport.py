@@ -391,6 +391,7 @@ class _Connection:
         self._reader: _Reader | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = locks.Lock()
+        self._lock_loop: asyncio.AbstractEventLoop | None = None
         self._tls: ssl.SSLContext | None = None
         self._closes = 0  # calls of close(), which a retry must not undo
 
@@ -409,8 +410,12 @@ class _Connection:
         :raises _Closed: the connection closed before a complete answer.
         :raises _Malformed: the answer is not HTTP.
         """
+        loop = asyncio.get_running_loop()
+        if self._lock_loop is not loop:
+            # Turns are taken on one loop: a request left on a loop that
+            # closed (its tasks never cancelled) would hold the turn forever.
+            self._lock, self._lock_loop = locks.Lock(), loop
         async with self._lock:
-            loop = asyncio.get_running_loop()
             deadline = loop.time() + request.timeout
             reused = self._usable(loop)
             closes = self._closes
@@ -435,8 +440,9 @@ class _Connection:
             expired.append(True)
             reader.abort()
 
+        used: _Reader | None = None
         try:
-            reader = await self._connect(loop, request, deadline)
+            reader = used = await self._connect(loop, request, deadline)
             timer = loop.call_at(deadline, expire)
             try:
                 answer = reader.expect()
@@ -450,10 +456,14 @@ class _Connection:
             finally:
                 timer.cancel()
         except BaseException:
-            self._drop()  # an unknown state on the wire
+            # An unknown state on the wire. Only this request's connection:
+            # a request left on a closed loop ends when collected, and the
+            # client may have a new connection by then.
+            if used is not None:
+                self._drop(used)
             raise
         if not result.keeps_alive or not reader.idle():
-            self._drop()
+            self._drop(reader)
         return result
 
     def _encode(self, request: _Request) -> bytes:
@@ -518,8 +528,11 @@ class _Connection:
         self._closes += 1
         self._drop()
 
-    def _drop(self) -> None:
-        reader, self._reader = self._reader, None
+    def _drop(self, reader: _Reader | None = None) -> None:
+        """Close the connection (``reader``'s, whether or not it is the
+        client's current one)."""
+        if reader is None or reader is self._reader:
+            reader, self._reader = self._reader, None
         if reader is not None:
             reader.abort()
 

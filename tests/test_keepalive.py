@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import json
 import threading
 import time
@@ -404,5 +405,37 @@ def test_a_body_up_to_the_end_that_misses_the_deadline_is_a_timeout() -> None:
         finally:
             client.close()
             server.close()
+
+    asyncio.run(main())
+
+
+def test_a_client_whose_loop_closed_mid_query_works_on_the_next_loop(
+    tiny: TinyAgent,
+) -> None:
+    """A fixture closes its loop with a query waiting (its tasks are never
+    cancelled); the client, closed, goes on on the next loop. The request
+    left behind neither holds the client's turn nor, once collected, closes
+    the new loop's connection."""
+    tiny.behave = lambda seen: "hang" if "index=" in seen.target else "answer"
+    client = client_at(tiny.address)
+    loop = asyncio.new_event_loop()
+    left = [loop.create_task(client.node_checks("tiny", 5, wait=30.0))]
+    loop.run_until_complete(eventually(lambda: len(tiny.seen) == 1, 5, "query sent"))
+    loop.close()
+    client.close()
+
+    async def main() -> None:
+        query = asyncio.ensure_future(client.node_checks("tiny", 6, wait=30.0))
+        try:
+            await eventually(lambda: len(tiny.seen) == 2, 5, "the next query sent")
+            reader = client.http.client._reader
+            assert reader is not None and not reader.closed
+            left.clear()
+            gc.collect()  # the request left behind is closed, at once
+            assert not reader.closed
+            assert not query.done()
+        finally:
+            query.cancel()
+            client.close()
 
     asyncio.run(main())
