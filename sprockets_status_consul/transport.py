@@ -316,6 +316,8 @@ class _Reader(asyncio.BufferedProtocol):
             if coding.lower().rsplit(",", 1)[-1].strip() != "chunked":
                 raise _Malformed(f"unknown Transfer-Encoding {coding[:40]!r}")
             self._chunked = True
+            if length is not None:
+                keeps_alive = False  # RFC 9112, 6.3: where would the next start?
         elif length is not None:
             if not _digits(length):
                 raise _Malformed(f"bad Content-Length {length[:40]!r}")

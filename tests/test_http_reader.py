@@ -219,3 +219,15 @@ def test_a_body_up_to_the_end_is_cut_short_by_a_close_not_ended(end: str) -> Non
 
     error = asyncio.run(main())
     assert isinstance(error, _Closed) and error.answered
+
+
+def test_content_length_beside_chunks_is_read_in_chunks_and_not_kept() -> None:
+    """RFC 9112, 6.3: chunks win, and the connection closes after the answer
+    (the two disagree on where the next answer starts)."""
+    answer, _ = read(
+        HEAD,
+        b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"2\r\n[]\r\n0\r\n\r\n",
+    )
+    assert answer.body == b"[]"
+    assert not answer.keeps_alive
