@@ -396,6 +396,7 @@ class _Connection:
         self._lock_loop: asyncio.AbstractEventLoop | None = None
         self._tls: ssl.SSLContext | None = None
         self._closes = 0  # calls of close(), which a retry must not undo
+        self._connecting: set[asyncio.Future[None]] = set()  # close() ends them
 
     @property
     def _connections(self) -> set[_Reader]:
@@ -490,19 +491,34 @@ class _Connection:
         settings = self.settings
         tls = self._tls_context() if settings.scheme == "https" else None
         timeout = min(request.connect_timeout, deadline - loop.time())
-        try:
-            _, reader = await asyncio.wait_for(
-                loop.create_connection(
-                    _Reader,
-                    settings.host,
-                    settings.port,
-                    ssl=tls,
-                    server_hostname=settings.host if tls is not None else None,
-                ),
-                max(timeout, 0.001),
+        connecting = asyncio.ensure_future(
+            loop.create_connection(
+                _Reader,
+                settings.host,
+                settings.port,
+                ssl=tls,
+                server_hostname=settings.host if tls is not None else None,
             )
-        except asyncio.TimeoutError:
-            raise TimeoutError("Timeout while connecting") from None
+        )
+        closed: asyncio.Future[None] = loop.create_future()
+        self._connecting.add(closed)
+        try:
+            await asyncio.wait(
+                (connecting, closed),
+                timeout=max(timeout, 0.001),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            self._connecting.discard(closed)
+            connecting.cancel()  # when not done: cancelled, timed out or closed
+        made = connecting.done() and not connecting.cancelled()
+        if closed.done() or not made:
+            if made and connecting.exception() is None:
+                connecting.result()[0].abort()  # close() came first
+            if closed.done():
+                raise _Closed("connection closed", answered=False)
+            raise TimeoutError("Timeout while connecting")
+        _, reader = connecting.result()
         self._reader, self._loop = reader, loop
         return reader
 
@@ -528,6 +544,10 @@ class _Connection:
         A later request opens a new one.
         """
         self._closes += 1
+        for closed in list(self._connecting):
+            with contextlib.suppress(RuntimeError):  # its loop is closed
+                if not closed.done():
+                    closed.set_result(None)
         self._drop()
 
     def _drop(self, reader: _Reader | None = None) -> None:

@@ -439,3 +439,34 @@ def test_a_client_whose_loop_closed_mid_query_works_on_the_next_loop(
             client.close()
 
     asyncio.run(main())
+
+
+def test_close_ends_a_request_still_connecting() -> None:
+    """close() while the TLS handshake waits: the request ends then, rather
+    than at the connect timeout (or, connected, with its query sent)."""
+
+    accepted: list[bool] = []
+
+    async def main() -> float:
+        async def stall(
+            reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        ) -> None:
+            accepted.append(True)
+            await reader.read()  # never answers the TLS ClientHello
+
+        server = await asyncio.start_server(stall, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client = client_at(f"https://127.0.0.1:{port}", timeout=10, verify=False)
+        try:
+            query = asyncio.ensure_future(client.node_checks("tiny", 5, wait=30.0))
+            await eventually(lambda: bool(accepted), 5, "the TLS handshake begun")
+            client.close()
+            started = time.monotonic()
+            with pytest.raises(ConsulError, match="connection closed"):
+                await asyncio.wait_for(query, 5)
+            return time.monotonic() - started
+        finally:
+            client.close()
+            server.close()
+
+    assert asyncio.run(main()) < 0.5
