@@ -253,9 +253,7 @@ class LivenessHandler(StatusHandler):
 
     def _health_checks(self) -> dict[str, list[dict[str, Any]]]:
         return {
-            "process:alive": health.check(
-                health.PASS, "alive", time=health.timestamp()
-            )
+            "process:alive": health.check(health.PASS, "alive", time=health.timestamp())
         }
 
 

@@ -229,8 +229,7 @@ def _identifier(value: Any, origin: str, required: bool = False) -> str:
         or any(c.isspace() for c in value.strip())
     ):
         raise SettingsError(
-            f"{origin} must be a non-empty string without '/' or spaces, "
-            f"got {value!r}"
+            f"{origin} must be a non-empty string without '/' or spaces, got {value!r}"
         )
     return value.strip()
 
@@ -252,8 +251,7 @@ def _path(value: Any, origin: str) -> str:
         or any(c.isspace() for c in value)
     ):
         raise SettingsError(
-            f"{origin} must be a path starting with '/', without spaces, "
-            f"got {value!r}"
+            f"{origin} must be a path starting with '/', without spaces, got {value!r}"
         )
     return value
 

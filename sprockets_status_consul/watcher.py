@@ -308,9 +308,7 @@ class ConsulWatcher:
         if self.registrar is not None:
             # Its own client: a registration must not queue behind a
             # blocking query.
-            fresh.run(
-                self.registrar.start, self._client or ConsulClient(self.settings)
-            )
+            fresh.run(self.registrar.start, self._client or ConsulClient(self.settings))
 
     def abandon(self) -> None:
         """Stop without awaiting: for a watcher whose loop will not run again.

@@ -75,6 +75,7 @@ def consul_binary() -> str:
         raise ConsulUnavailable(proc.stderr.strip() or "scripts/get-consul failed")
     return proc.stdout.strip()
 
+
 ROOT = Path(__file__).resolve().parent.parent
 STAND_INS = Path(__file__).resolve().parent / "stand_ins"
 BASE_IMAGE = "sprockets-status-consul/debian:bookworm"
@@ -121,9 +122,7 @@ def docker(
         cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
     )
     if check and proc.returncode != 0:
-        raise CommandError(
-            proc.returncode, cmd, proc.stdout, proc.stderr
-        )
+        raise CommandError(proc.returncode, cmd, proc.stdout, proc.stderr)
     return proc
 
 

@@ -287,9 +287,10 @@ class WatcherFailureTests(testing.AsyncHTTPTestCase):
     def test_answers_the_application_status_and_logs_each_kind_once(self) -> None:
         handler_module._logged_errors.clear()
         failures = [RuntimeError("Event loop is closed")] * 3 + [KeyError("x")] * 2
-        with mock.patch.object(
-            handler_module, "current", side_effect=failures
-        ), self.assertLogs("sprockets_status_consul", logging.ERROR) as logs:
+        with (
+            mock.patch.object(handler_module, "current", side_effect=failures),
+            self.assertLogs("sprockets_status_consul", logging.ERROR) as logs,
+        ):
             for _ in failures:
                 response = self.fetch("/status")
                 assert response.code == 200

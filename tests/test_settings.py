@@ -265,6 +265,7 @@ def test_a_host_is_a_host_name_or_an_ip_address(host: str) -> None:
 def test_good_hosts(host: str) -> None:
     assert Settings(host=host).host == host
 
+
 @pytest.mark.parametrize(
     "address",
     [

@@ -124,4 +124,5 @@ def test_a_check_consul_and_the_application_agree_everywhere(
                 node,
                 checked,
             ]
+
     asyncio.run(main())
