@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import functools
 import importlib
 import os
@@ -40,6 +41,7 @@ from typing import Any, NamedTuple
 
 import consul
 import consul.base
+import tornado.util
 from tornado import locks
 
 from .settings import Settings
@@ -418,8 +420,15 @@ class _Connection:
             # Turns are taken on one loop: a request left on a loop that
             # closed (its tasks never cancelled) would hold the turn forever.
             self._lock, self._lock_loop = locks.Lock(), loop
-        async with self._lock:
-            deadline = loop.time() + request.timeout
+        deadline = loop.time() + request.timeout
+        try:
+            # The deadline counts the wait for a turn too.
+            await self._lock.acquire(
+                timeout=datetime.timedelta(seconds=request.timeout)
+            )
+        except (TimeoutError, asyncio.TimeoutError, tornado.util.TimeoutError):
+            raise TimeoutError("Timeout waiting for the connection") from None
+        try:
             reused = self._usable(loop)
             closes = self._closes
             try:
@@ -431,6 +440,8 @@ class _Connection:
                     raise
             # The agent had closed the kept-alive connection: once more, anew.
             return await self._exchange(request, deadline)
+        finally:
+            self._lock.release()
 
     def _usable(self, loop: asyncio.AbstractEventLoop) -> bool:
         return self._reader is not None and self._reader.idle() and self._loop is loop

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from sprockets_status_consul.settings import Settings
-from sprockets_status_consul.transport import ConsulClient, ConsulError
+from sprockets_status_consul.transport import ConsulClient, ConsulError, ConsulTimeout
 
 from .consul_agent import AgentBase, DevAgent, free_port
 
@@ -470,3 +470,25 @@ def test_close_ends_a_request_still_connecting() -> None:
             server.close()
 
     assert asyncio.run(main()) < 0.5
+
+
+def test_a_request_waiting_for_its_turn_keeps_its_deadline(tiny: TinyAgent) -> None:
+    """A short call behind a blocking query on the same client does not wait
+    for that query: its timeout counts from the call."""
+    tiny.behave = lambda seen: "hang" if "index=" in seen.target else "answer"
+
+    async def main() -> None:
+        client = client_at(tiny.address, timeout=0.3)
+        blocking = asyncio.ensure_future(client.node_checks("tiny", 5, wait=30.0))
+        try:
+            await eventually(lambda: len(tiny.seen) == 1, 5, "the query was sent")
+            started = time.monotonic()
+            with pytest.raises(ConsulTimeout, match="waiting for the connection"):
+                await client.node_checks("tiny")
+            assert time.monotonic() - started < 2.0
+            assert not blocking.done()  # the query in turn goes on
+        finally:
+            blocking.cancel()
+            client.close()
+
+    asyncio.run(main())
