@@ -12,7 +12,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BASE = "import tornado.web, tornado.tcpclient, tornado.http1connection"
+BASE = "import asyncio, tornado.web"
 
 ROWS = [
     ("import consul.base", "consul.base"),

@@ -31,6 +31,7 @@ from bench.common import (
     table,
 )
 from bench.loadgen import KeepAliveClient, percentile
+from sprockets_status_consul.watcher import MIN_QUERY_INTERVAL, QUERY_DITHER
 
 TARGET_MS = {4: 25.0, 16: 50.0}
 
@@ -44,6 +45,8 @@ class Plan:
     poll_interval: float
 
 
+PAUSE = MIN_QUERY_INTERVAL + QUERY_DITHER
+"""Seconds at least between two flips: what the watcher's rate limit takes."""
 FULL = Plan(counts=(4, 16), flips=10, methods=("cli", "api"), poll_interval=0.002)
 SMOKE = Plan(counts=(2,), flips=1, methods=("cli", "api"), poll_interval=0.002)
 
@@ -194,7 +197,9 @@ async def measure(plan: Plan, bench: Bench) -> Result:
                         flips.append(
                             await _one_flip(agent, api, pollers, count, method, enable)
                         )
-                        await asyncio.sleep(random.uniform(0.05, 0.1))
+                        # Past the watcher's rate limit (a change less than
+                        # MIN_QUERY_INTERVAL after the last one waits for it).
+                        await asyncio.sleep(random.uniform(PAUSE, 2 * PAUSE))
             finally:
                 for task in tasks:
                     task.cancel()
