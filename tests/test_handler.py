@@ -20,6 +20,7 @@ from sprockets_status_consul import handler as handler_module
 from sprockets_status_consul import health as ssc_health
 from sprockets_status_consul import status as st
 from sprockets_status_consul.settings import Settings
+from sprockets_status_consul.status import ConsulStatus
 from sprockets_status_consul.watcher import _WATCHERS, ConsulWatcher
 
 from .test_watcher import ScriptedConsul, maint
@@ -435,6 +436,59 @@ class SynchronousMixinTests(testing.AsyncHTTPTestCase):
         self.io_loop.run_sync(lambda: self.watcher.wait_ready(5))
         body = json.loads(self.fetch("/status").body)
         assert (body["status"], body["reason"]) == ("maintenance", "deploy 42")
+
+
+class ReadsBeforePrepare(ssc.ConsulStatusHandler):
+    """A mixin's way: reads what Consul says before ``super().prepare()``."""
+
+    def prepare(self) -> Any:
+        self.seen_first = self.consul_status.consul
+        return super().prepare()
+
+
+class Decorating(ssc.ConsulStatusHandler):
+    """Overrides a per-request value with a property that asks ``super()``."""
+
+    @property
+    def consul_status(self) -> ConsulStatus:
+        return super().consul_status
+
+
+class CountingWatcher(ConsulWatcher):
+    reads = 0
+
+    def status(self) -> ConsulStatus:
+        CountingWatcher.reads += 1
+        return super().status()
+
+
+class PerRequestValueTests(testing.AsyncHTTPTestCase):
+    def get_app(self) -> web.Application:
+        app = web.Application(
+            [(r"/early", ReadsBeforePrepare), (r"/decorated", Decorating)]
+        )
+        self.consul = ScriptedConsul()
+        self.watcher = CountingWatcher(Settings(startup_wait=5), client=self.consul)  # type: ignore[arg-type]
+        _WATCHERS[app] = self.watcher
+        return app
+
+    def test_values_read_before_the_first_answer_are_read_again_after_it(
+        self,
+    ) -> None:
+        self.io_loop.call_later(0.1, self.consul.answer, 3, maint("deploy 42"))
+        response = self.fetch("/early")  # waits for the first answer
+        body = json.loads(response.body)
+        assert response.code == 503, body
+        assert (body["status"], body["consul"]) == ("maintenance", "connected")
+
+    def test_a_value_is_computed_once_per_request_through_super(self) -> None:
+        self.consul.answer(3)
+        self.io_loop.run_sync(lambda: self.watcher.wait_ready(5))
+        for accept in ("application/json", "application/health+json"):
+            CountingWatcher.reads = 0
+            response = self.fetch("/decorated", headers={"Accept": accept})
+            assert response.code == 200
+            assert CountingWatcher.reads == 1, accept
 
 
 class Truthful(ssc.StatusHandler):
