@@ -452,7 +452,10 @@ def test_close_ends_a_request_still_connecting() -> None:
             reader: asyncio.StreamReader, writer: asyncio.StreamWriter
         ) -> None:
             accepted.append(True)
-            await reader.read()  # never answers the TLS ClientHello
+            try:
+                await reader.read()  # never answers the TLS ClientHello
+            finally:
+                writer.close()
 
         server = await asyncio.start_server(stall, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
@@ -468,6 +471,7 @@ def test_close_ends_a_request_still_connecting() -> None:
         finally:
             client.close()
             server.close()
+            await server.wait_closed()
 
     assert asyncio.run(main()) < 0.5
 

@@ -191,6 +191,8 @@ def test_the_token_does_not_follow_redirects() -> None:
             client.close()
             other.close()
             agent.close()
+            await other.wait_closed()
+            await agent.wait_closed()
         assert elsewhere == []
         assert "s3cr3t" not in str(raised.value)
 
