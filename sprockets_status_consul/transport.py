@@ -174,10 +174,16 @@ class _Reader(asyncio.BufferedProtocol):
         return not self.closed and self._waiter is None and not self._buffer
 
     def expect(self) -> asyncio.Future[_Answer]:
+        """The future of the next answer; failed at once when the connection
+        is already closed (nothing would ever come to end the wait)."""
         assert self._waiter is None
-        self._waiter = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[_Answer] = asyncio.get_running_loop().create_future()
         self._head, self._chunks, self._received = None, [], 0
-        return self._waiter
+        if self.closed:
+            waiter.set_exception(_Closed("connection closed", answered=False))
+        else:
+            self._waiter = waiter
+        return waiter
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._landing
@@ -237,8 +243,11 @@ class _Reader(asyncio.BufferedProtocol):
             self._fail(_Closed(reason, answered))
 
     def abort(self) -> None:
-        """Close the connection now, without waiting for anything."""
+        """Close the connection now, without waiting for anything; an answer
+        still awaited fails now (a transport already closed would not say)."""
         self.closed = self._aborted = True
+        answered = self._head is not None or bool(self._buffer)
+        self._fail(_Closed("connection closed", answered=answered))
         transport = self.transport
         if transport is None:
             return
@@ -255,7 +264,9 @@ class _Reader(asyncio.BufferedProtocol):
     def _fail(self, error: BaseException) -> None:
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
-            waiter.set_exception(error)
+            # RuntimeError: its loop is closed; the waiter is done all the same.
+            with contextlib.suppress(RuntimeError):
+                waiter.set_exception(error)
 
     def _parse(self) -> _Answer | None:
         """The answer, once all of it is in the buffer; ``None`` until then."""

@@ -231,3 +231,35 @@ def test_content_length_beside_chunks_is_read_in_chunks_and_not_kept() -> None:
     )
     assert answer.body == b"[]"
     assert not answer.keeps_alive
+
+
+def test_an_answer_asked_of_a_closed_connection_fails_at_once() -> None:
+    """The agent closed the connection before the request went out (between
+    the connect and the write, say): nothing will ever arrive on it."""
+
+    async def main() -> None:
+        reader = _Reader()
+        reader.connection_made(FakeTransport())
+        reader.connection_lost(None)
+        answer = reader.expect()
+        assert answer.done()
+        error = answer.exception()
+        assert isinstance(error, _Closed) and not error.answered
+
+    asyncio.run(main())
+
+
+def test_abort_fails_the_answer_awaited_even_when_the_transport_is_gone() -> None:
+    """A transport whose connection is already lost does not call
+    ``connection_lost`` again: abort() itself ends the wait (a missed
+    deadline relies on it)."""
+
+    async def main() -> None:
+        reader = _Reader()
+        reader.connection_made(FakeTransport())  # abort() reports nothing
+        answer = reader.expect()
+        reader.abort()
+        assert answer.done()
+        assert isinstance(answer.exception(), _Closed)
+
+    asyncio.run(main())

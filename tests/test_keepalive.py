@@ -496,3 +496,28 @@ def test_a_request_waiting_for_its_turn_keeps_its_deadline(tiny: TinyAgent) -> N
             client.close()
 
     asyncio.run(main())
+
+
+def test_an_agent_that_closes_each_connection_at_once_never_hangs_a_request() -> None:
+    """A dying or restarting agent accepts and closes at once: every request
+    ends, within its deadline, with an error."""
+
+    async def main() -> None:
+        async def close_at_once(
+            reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        ) -> None:
+            writer.close()
+
+        server = await asyncio.start_server(close_at_once, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client = client_at(f"http://127.0.0.1:{port}", timeout=0.3)
+        try:
+            for _ in range(20):
+                with pytest.raises(ConsulError):
+                    await asyncio.wait_for(client.node_checks("tiny", 5, wait=0.1), 5)
+        finally:
+            client.close()
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(main())
