@@ -12,6 +12,7 @@ import re
 import socket
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -261,64 +262,60 @@ def test_a_registration_is_lost_only_once_it_was_seen() -> None:
     assert registrar.state == "lost"
 
 
+class StubAgent:
+    """Stands in for ConsulClient: records the calls; ``on_register`` is what
+    becomes of the PUT once the agent has taken it."""
+
+    settings = Settings.from_mapping({}, environ={})
+
+    def __init__(self, on_register: Callable[[], Awaitable[Any]]) -> None:
+        self.on_register = on_register
+        self.calls: list[tuple[str, str]] = []
+
+    async def register_service(
+        self, name: str, service_id: str, *_: Any, **__: Any
+    ) -> None:
+        self.calls.append(("register", service_id))
+        await self.on_register()
+
+    async def deregister_service(self, service_id: str) -> None:
+        self.calls.append(("deregister", service_id))
+
+
 def test_a_registration_in_flight_at_shutdown_is_withdrawn() -> None:
     register = resolve({"name": "web", "port": 8000, "address": "127.0.0.1"}).register
     assert register is not None
-    calls: list[tuple[str, str]] = []
-
-    class Agent:
-        """Stands in for ConsulClient: the agent takes the PUT, never answers."""
-
-        settings = Settings.from_mapping({}, environ={})
-
-        async def register_service(
-            self, name: str, service_id: str, *_: Any, **__: Any
-        ) -> None:
-            calls.append(("register", service_id))
-            await asyncio.Event().wait()
-
-        async def deregister_service(self, service_id: str) -> None:
-            calls.append(("deregister", service_id))
+    agent = StubAgent(lambda: asyncio.Event().wait())  # never answers
 
     async def main() -> None:
         registrar = Registrar(register, retry_max=1.0, agent="http://127.0.0.1:8500")
-        registrar.start(Agent())  # type: ignore[arg-type]
-        while not calls:
+        registrar.start(agent)  # type: ignore[arg-type]
+        while not agent.calls:
             await asyncio.sleep(0.001)
         await registrar.withdraw()
         assert registrar.state == "withdrawn"
 
     asyncio.run(asyncio.wait_for(main(), 5))
-    assert calls == [("register", register.id), ("deregister", register.id)]
+    assert agent.calls == [("register", register.id), ("deregister", register.id)]
 
 
 def test_a_registration_that_timed_out_is_withdrawn_all_the_same() -> None:
     register = resolve({"name": "web", "port": 8000, "address": "127.0.0.1"}).register
     assert register is not None
-    calls: list[tuple[str, str]] = []
 
-    class Agent:
-        """Stands in for ConsulClient: it takes the PUT, the answer times out."""
+    async def time_out() -> None:
+        raise ConsulTimeout("no answer from the agent")
 
-        settings = Settings.from_mapping({}, environ={})
-
-        async def register_service(
-            self, name: str, service_id: str, *_: Any, **__: Any
-        ) -> None:
-            calls.append(("register", service_id))
-            raise ConsulTimeout("no answer from the agent")
-
-        async def deregister_service(self, service_id: str) -> None:
-            calls.append(("deregister", service_id))
+    agent = StubAgent(time_out)
 
     async def main() -> None:
         registrar = Registrar(register, retry_max=60.0, agent="http://127.0.0.1:8500")
-        registrar.start(Agent())  # type: ignore[arg-type]
-        while not calls:
+        registrar.start(agent)  # type: ignore[arg-type]
+        while not agent.calls:
             await asyncio.sleep(0.001)
         await asyncio.sleep(0)  # the failure is recorded; a retry waits
         assert registrar.state == "new"
         await registrar.withdraw()
 
     asyncio.run(asyncio.wait_for(main(), 5))
-    assert calls == [("register", register.id), ("deregister", register.id)]
+    assert agent.calls == [("register", register.id), ("deregister", register.id)]
