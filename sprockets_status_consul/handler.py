@@ -334,12 +334,13 @@ class ConsulStatusHandler(StatusHandler):
         if isinstance(watcher, ConsulStatus) or watcher.ready:
             return None
         # A future rather than a coroutine: left unawaited, it does no harm.
-        return asyncio.ensure_future(self._first_answer(watcher))
+        return asyncio.ensure_future(self._await_first_answer(watcher))
 
-    async def _first_answer(self, watcher: ConsulWatcher) -> None:
-        """Wait for the watcher's first answer, then forget the values read
+    async def _await_first_answer(self, watcher: ConsulWatcher) -> None:
+        """Wait, at most ``startup_wait`` seconds, for the watcher's first answer,
+        then forget the values read
         before it came (a mixin may read them before ``super().prepare()``)."""
-        await _first_answer(watcher)
+        await watcher.wait_ready(watcher.settings.startup_wait)
         for name in ("consul_status", "check_results", "answer"):
             self.__dict__.pop(name, None)
 
@@ -427,11 +428,6 @@ class ConsulStatusHandler(StatusHandler):
         for result in self.check_results:
             checks[f"{result.name}:status"] = health.check_result(result)
         return checks
-
-
-async def _first_answer(watcher: ConsulWatcher) -> None:
-    """Wait, at most ``startup_wait`` seconds, for the watcher's first answer."""
-    await watcher.wait_ready(watcher.settings.startup_wait)
 
 
 def _first_time(kind: str) -> bool:
