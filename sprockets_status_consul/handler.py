@@ -337,9 +337,9 @@ class ConsulStatusHandler(StatusHandler):
         return asyncio.ensure_future(self._await_first_answer(watcher))
 
     async def _await_first_answer(self, watcher: ConsulWatcher) -> None:
-        """Wait, at most ``startup_wait`` seconds, for the watcher's first answer,
-        then forget the values read
-        before it came (a mixin may read them before ``super().prepare()``)."""
+        """Wait, at most ``startup_wait`` seconds, for the watcher's first
+        answer, then forget the values read before it came (a mixin may read
+        them before ``super().prepare()``)."""
         await watcher.wait_ready(watcher.settings.startup_wait)
         for name in ("consul_status", "check_results", "answer"):
             self.__dict__.pop(name, None)
