@@ -15,9 +15,9 @@ import importlib.metadata
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, Generic, TypeVar, overload
+from typing import Any, ClassVar, Generic, TypeVar, overload
 
-from tornado import web
+from tornado import escape, web
 from tornado.log import access_log
 
 from . import checks as checks_module
@@ -318,6 +318,14 @@ class ConsulStatusHandler(StatusHandler):
     ``super().prepare()`` without awaiting it still answers correctly; it
     only forgoes that first wait.
 
+    The JSON body is encoded once per answer, not once per request: while
+    the answer (status, source, reason, ``consul``) and the application's
+    name and version stay the same, a request writes the bytes it wrote last
+    time. That holds only for a class that keeps the hooks the body comes
+    from (:meth:`_status_response`, :meth:`_status_response_code`,
+    :meth:`_application_status` and ``write``), as decided when the class is
+    made; one that overrides any of them is asked on every request.
+
     The watcher is asked for once per request. When there is none to ask,
     the answer is still a status body: a bad ``consul_status`` setting
     answers 500 with status ``unknown``, ``source: "settings"`` and
@@ -328,6 +336,50 @@ class ConsulStatusHandler(StatusHandler):
     of this library never takes a fleet out of rotation. Each kind of
     failure is logged once, an unexpected one with its traceback.
     """
+
+    _renders_default_body: ClassVar[bool] = True
+    """Whether the class keeps the hooks the JSON body comes from, so that
+    the body may be encoded once per answer (set for each subclass)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._renders_default_body = not any(
+            name in vars(base)
+            for base in cls.__mro__
+            if base not in _DEFAULT_BODY_CLASSES
+            for name in _BODY_HOOKS
+        )
+
+    def get(self, *args: Any, **kwargs: Any) -> Awaitable[None] | None:
+        consul = self.consul_status
+        if (
+            not self._renders_default_body
+            or consul.age is not None  # the body holds it, and it grows
+            or health.wanted(self.request.headers.get("Accept", ""))
+        ):
+            return super().get(*args, **kwargs)
+        answer = self.answer
+        name, version = application_identity(self.application)
+        key = (
+            name,
+            version,
+            answer.status,
+            answer.source,
+            answer.reason,
+            consul.consul,
+        )
+        rendered = _RENDERED.get(key)
+        if rendered is None:
+            if len(_RENDERED) >= _MAX_RENDERED:
+                _RENDERED.clear()
+            rendered = _RENDERED[key] = (
+                self._status_response_code(),
+                escape.utf8(escape.json_encode(self._status_response())),
+            )
+        self.set_status(rendered[0])
+        self.set_header("Content-Type", _JSON_MEDIA_TYPE)
+        self.write(rendered[1])
+        return None
 
     def prepare(self) -> Awaitable[None] | None:
         watcher = self._consul
@@ -428,6 +480,24 @@ class ConsulStatusHandler(StatusHandler):
         for result in self.check_results:
             checks[f"{result.name}:status"] = health.check_result(result)
         return checks
+
+
+_JSON_MEDIA_TYPE = "application/json; charset=UTF-8"
+"""The ``Content-Type`` of the JSON body, as Tornado sets it for a ``dict``."""
+
+_BODY_HOOKS = (
+    "_status_response",
+    "_status_response_code",
+    "_application_status",
+    "write",
+)
+_DEFAULT_BODY_CLASSES = frozenset(
+    {ConsulStatusHandler, StatusHandler, web.RequestHandler, object}
+)
+_MAX_RENDERED = 64
+_RENDERED: dict[tuple[str | None, ...], tuple[int, bytes]] = {}
+"""The status code and encoded body of the latest answers (name, version,
+status, source, reason, ``consul``); cleared when full, as reasons can vary."""
 
 
 def _first_time(kind: str) -> bool:

@@ -6,6 +6,7 @@ import datetime
 import gc
 import json
 import logging
+import uuid
 import warnings
 from collections.abc import Awaitable
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 from unittest import mock
 
 import pytest
+import tornado.escape
 from tornado import httputil, testing, web
 
 import sprockets_status_consul as ssc
@@ -215,6 +217,126 @@ class ConsulStatusHandlerTests(testing.AsyncHTTPTestCase):
         code, body = self.get_json()
         assert (code, body["status"]) == (200, "ok")
         assert body["consul"] == st.STALE
+
+
+class Told(ssc.ConsulStatusHandler):
+    """Consul's answer comes from the query (status, reason, source, consul, age)."""
+
+    @property
+    def consul_status(self) -> ConsulStatus:  # type: ignore[override]
+        status = self.get_query_argument("status", ssc.OK)
+        age = self.get_query_argument("age", None)
+        return ConsulStatus(
+            status,
+            self.get_query_argument("consul", st.CONNECTED),
+            self.get_query_argument("reason", None),
+            self.get_query_argument("source", "key" if status != ssc.OK else None),
+            None if age is None else float(age),
+        )
+
+
+class ToldEachTime(Told):
+    """Overrides a hook of the body, so its body is made on every request."""
+
+    def write(self, chunk: Any) -> None:
+        super().write(chunk)
+
+
+class Extra(ssc.StatusHandler):
+    def _status_response(self) -> dict[str, Any]:
+        return {**super()._status_response(), "extra": True}
+
+
+class ExtraAfter(ssc.ConsulStatusHandler, Extra):
+    """``Extra`` comes after the handler in the MRO: reached through super()."""
+
+
+class EncodedOnceTests(testing.AsyncHTTPTestCase):
+    """The JSON body is encoded once per answer, and is the hooks' body."""
+
+    def get_app(self) -> web.Application:
+        import tornado
+
+        other = web.Application(
+            [(r"/other/.*", Told)], service="other", version=tornado.version
+        )
+        third = web.Application([(r"/third/.*", Told)], service="other", version="9")
+        app = web.Application(
+            [
+                (r"/told", Told),
+                (r"/each", ToldEachTime),
+                (r"/mixed", ExtraAfter),
+                (r"/other/.*", other),
+                (r"/third/.*", third),
+            ]
+        )
+        _WATCHERS[app] = _WATCHERS[other] = _WATCHERS[third] = ConsulWatcher(
+            Settings(startup_wait=0.0),
+            client=ScriptedConsul(),  # type: ignore[arg-type]
+        )
+        return app
+
+    def answers(self, path: str) -> tuple[int, str, bytes]:
+        response = self.fetch(path)
+        return response.code, response.headers["Content-Type"], response.body
+
+    def test_the_body_is_that_of_the_hooks_byte_for_byte(self) -> None:
+        for query in (
+            "",
+            "status=maintenance&reason=deploy+1",
+            "status=maintenance&reason=deploy+1&source=node",
+            "status=maintenance&reason=%3C/script%3E+%C3%A9",
+            "status=unknown&reason=x",
+            "status=maintenance&consul=stale&age=3.5",
+        ):
+            for own in (None, "maintenance", "draining", "broken"):
+                self._app.status = own or ssc.OK  # type: ignore[attr-defined]
+                assert self.answers(f"/told?{query}") == self.answers(
+                    f"/each?{query}"
+                ), (query, own)
+
+    def test_encoded_once_while_the_answer_stays(self) -> None:
+        reason = f"never-seen-{uuid.uuid4()}"
+        with mock.patch(
+            "tornado.escape.json_encode", wraps=tornado.escape.json_encode
+        ) as encode:
+            for _ in range(5):
+                self.fetch(f"/told?status=maintenance&reason={reason}")
+            assert encode.call_count == 1
+            self.fetch(f"/told?status=maintenance&reason={reason}-2")
+            assert encode.call_count == 2
+
+    def test_each_answer_has_its_own_body_and_the_memory_is_bounded(self) -> None:
+        for n in range(3 * handler_module._MAX_RENDERED):
+            body = json.loads(self.fetch(f"/told?status=maintenance&reason=r{n}").body)
+            assert body["reason"] == f"r{n}"
+        assert len(handler_module._RENDERED) <= handler_module._MAX_RENDERED
+
+    def test_a_stale_answer_says_its_own_age(self) -> None:
+        for age in (1.0, 2.5, 7.0):
+            body = json.loads(self.fetch(f"/told?consul=stale&age={age}").body)
+            assert body["consul_age"] == age
+
+    def test_what_the_watcher_knows_of_consul_is_in_the_body(self) -> None:
+        for consul in (st.CONNECTED, st.STARTING, st.UNREACHABLE, st.CONNECTED):
+            assert json.loads(self.fetch(f"/told?consul={consul}").body)["consul"] == (
+                consul
+            )
+
+    def test_applications_keep_their_own_name_and_version(self) -> None:
+        import tornado
+
+        for path, name, version in (
+            ("/told", "tornado", tornado.version),
+            ("/other/told", "other", tornado.version),
+            ("/third/told", "other", "9"),
+        ):
+            body = json.loads(self.fetch(path).body)
+            assert (body["application"], body["version"]) == (name, version)
+
+    def test_a_mixin_reached_through_super_still_shapes_the_body(self) -> None:
+        for _ in range(2):
+            assert json.loads(self.fetch("/mixed").body)["extra"] is True
 
 
 class FailClosedTests(testing.AsyncHTTPTestCase):
