@@ -3,12 +3,19 @@
 A plain Tornado handler (the limit), the seed-style handler that asks Consul
 in ``prepare``, ``ConsulStatusHandler`` polling every TTL,
 ``ConsulStatusHandler`` with its defaults, and with its defaults and the
-application's checks (three quick ones; one that takes 5 s): several
-alternating rounds under wrk (or :mod:`bench.loadgen`), medians of the
-throughput and of the 99th percentile of the latency. The backend is pinned
-to one core and the load generator to another when ``taskset`` and two cores
-are there. The backends must answer alike (status line, headers but
-``Date``, body), or their throughputs would not compare.
+application's checks (three quick ones; one that takes 5 s).
+
+Each kind is measured side by side with the plain handler: in each round,
+the two backends share one core, each under a load generator of its own
+(wrk, or :mod:`bench.loadgen`), at the same moment. The ratio of their
+throughputs in that round is the ratio of their costs, and whatever slows
+the machine meanwhile slows both; measured one after the other, rounds on a
+shared virtual machine differ by more than the few per cent to be told.
+Reported: medians over the rounds of those ratios, of the throughput and of
+the 99th percentile of the latency. The backends are pinned to one core and
+the load generators to another when ``taskset`` and two cores are there. The
+backends must answer alike (status line, headers but ``Date``, body), or
+their throughputs would not compare.
 """
 
 from __future__ import annotations
@@ -63,6 +70,10 @@ class Row:
     p99_ms: list[float] = dataclasses.field(default_factory=list)
     """The 99th percentile of the latency in each round the load generator
     told it in."""
+    ratios: list[float] = dataclasses.field(default_factory=list)
+    """Its throughput over the plain handler's, side by side, each round."""
+    cpu_ratios: list[float] = dataclasses.field(default_factory=list)
+    """The plain handler's CPU per request over its own, each round."""
 
     @property
     def median(self) -> float:
@@ -71,6 +82,14 @@ class Row:
     @property
     def cpu_median(self) -> float:
         return statistics.median(self.cpu_us)
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.ratios) if self.ratios else 1.0
+
+    @property
+    def cpu_ratio(self) -> float:
+        return statistics.median(self.cpu_ratios) if self.cpu_ratios else 1.0
 
     @property
     def p99_median(self) -> float | None:
@@ -167,21 +186,35 @@ async def measure(plan: Plan, bench: Bench) -> Result:
         for kind in KINDS:  # warm-up, not counted
             if plan.warmup_seconds > 0:
                 await load.run([backends[kind].port], plan.warmup_seconds)
+        others = [kind for kind in KINDS if kind != "plain"]
         for round_ in range(plan.rounds):
-            shift = round_ % len(KINDS)
-            order = KINDS[shift:] + KINDS[:shift]
-            for kind in order:
-                cpu = cpu_ns(backends[kind].pid)
-                result = await load.run([backends[kind].port], plan.round_seconds)
-                cpu = cpu_ns(backends[kind].pid) - cpu
-                entry = results[kind]
-                entry.rates.append(result.rate)
-                entry.cpu_us.append(cpu / 1000 / max(result.requests, 1))
-                entry.non_200 += result.non_200
-                entry.errors += result.errors
-                if result.p99_ms is not None:
-                    entry.p99_ms.append(result.p99_ms)
-                progress(f"throughput round {round_ + 1} {kind}: {result.rate:,.0f}/s")
+            shift = round_ % len(others)
+            for kind in others[shift:] + others[:shift]:
+                pair = (backends["plain"], backends[kind])
+                cpu = [cpu_ns(b.pid) for b in pair]
+                runs = await asyncio.gather(
+                    *(load.run([b.port], plan.round_seconds) for b in pair)
+                )
+                per_request = []
+                for backend, result, before in zip(pair, runs, cpu, strict=True):
+                    entry = results[backend.kind]
+                    entry.rates.append(result.rate)
+                    per_request.append(
+                        (cpu_ns(backend.pid) - before) / 1000 / max(result.requests, 1)
+                    )
+                    entry.cpu_us.append(per_request[-1])
+                    entry.non_200 += result.non_200
+                    entry.errors += result.errors
+                    if result.p99_ms is not None:
+                        entry.p99_ms.append(result.p99_ms)
+                results[kind].ratios.append(runs[1].rate / max(runs[0].rate, 1e-9))
+                results[kind].cpu_ratios.append(
+                    per_request[0] / max(per_request[1], 1e-9)
+                )
+                progress(
+                    f"throughput round {round_ + 1} {kind}: {runs[1].rate:,.0f}/s "
+                    f"beside plain {runs[0].rate:,.0f}/s"
+                )
         for kind, backend in backends.items():
             results[kind].rss_kb = vm_rss_kb(backend.pid)
     finally:
@@ -193,12 +226,11 @@ def targets(result: Result) -> list[Target]:
     by_kind = {t.kind: t for t in result.rows}
     if "plain" not in by_kind:
         return []
-    plain = by_kind["plain"]
     found = []
     for kind in ("watch", "checks"):
         if kind in by_kind:
-            ratio = by_kind[kind].median / plain.median
-            cpu = plain.cpu_median / by_kind[kind].cpu_median
+            ratio = by_kind[kind].ratio
+            cpu = by_kind[kind].cpu_ratio
             found.append(
                 (
                     f"throughput {SHORT[kind]} / plain >= {TARGET_RATIO}",
@@ -230,20 +262,21 @@ def render(result: Result) -> list[str]:
     by_kind = {t.kind: t for t in result.rows}
     if "plain" not in by_kind:
         return []
-    plain = by_kind["plain"].median
-    plain_cpu = by_kind["plain"].cpu_median
     lines = [
-        f"**1. Throughput** of one backend process serving `/status`: "
-        f"{plan.rounds} alternating rounds of {plan.round_seconds:g} s each "
-        f"(after {plan.warmup_seconds:g} s of warm-up), medians. Load: "
-        f"{result.load_generator}. Pinning: {result.pinning}. The backends "
-        "talk to the agent directly (no proxy), and answer alike: the same "
-        "status line, headers (but `Date`) and body, checked first. CPU µs "
-        "per request: the backend process's CPU time (all threads, /proc) "
-        "over its answers: its ratio is the capacity ratio, less moved by "
-        "other processes on the machine than req/s is. p99: the 99th "
-        "percentile of the latency of `/status` under that load (wrk's "
-        "`--latency`, or one answer in ten of bench.loadgen's).",
+        f"**1. Throughput** of one backend process serving `/status`, side by "
+        f"side with the plain handler: in each of {plan.rounds} rounds of "
+        f"{plan.round_seconds:g} s (after {plan.warmup_seconds:g} s of warm-up "
+        "each, alone), every other kind in turn shares one core with the plain "
+        "handler, each under a load of its own at the same moment, so req/s is "
+        "half a core's worth and the ratio of the two is that of their costs "
+        "whatever the machine does meanwhile. Medians over the rounds. Load: "
+        f"{result.load_generator}, one per backend. Pinning: {result.pinning}. "
+        "The backends talk to the agent directly (no proxy), and answer alike: "
+        "the same status line, headers (but `Date`) and body, checked first. "
+        "CPU µs per request: the backend process's CPU time (all threads, "
+        "/proc) over its answers. p99: the 99th percentile of the latency of "
+        "`/status` under that load (wrk's `--latency`, or one answer in ten of "
+        "bench.loadgen's).",
         "",
     ]
     rows = []
@@ -258,9 +291,9 @@ def render(result: Result) -> list[str]:
                 LABELS[t.kind],
                 f"{t.median:,.0f}",
                 f"{min(t.rates):,.0f} to {max(t.rates):,.0f}",
-                f"{t.median / plain:.3f}",
+                f"{t.ratio:.3f}",
                 f"{t.cpu_median:,.0f}",
-                f"{plain_cpu / t.cpu_median:.3f}",
+                f"{t.cpu_ratio:.3f}",
                 "n/a" if t.p99_median is None else f"{t.p99_median:.2f}",
                 ", ".join(notes),
             ]
@@ -270,9 +303,9 @@ def render(result: Result) -> list[str]:
             "handler",
             "req/s (median)",
             "min to max",
-            "ratio to plain",
+            "ratio to plain (side by side)",
             "CPU µs per request (median)",
-            "plain's CPU / this CPU",
+            "plain's CPU / this CPU (side by side)",
             "p99 ms (median)",
             "notes",
         ],
@@ -283,14 +316,14 @@ def render(result: Result) -> list[str]:
 
 def plot(ax: Any, result: Result | None) -> None:
     ax.set_title("1. throughput of one backend (req/s, ratio to plain)")
-    by_kind = {t.kind: t.median for t in result.rows} if result else {}
-    if "plain" not in by_kind:
+    rows = {t.kind: t for t in result.rows} if result else {}
+    if "plain" not in rows:
         return
-    plain = by_kind["plain"]
+    by_kind = {kind: row.median for kind, row in rows.items()}
     bars = ax.bar([SHORT[k] for k in by_kind], list(by_kind.values()))
-    for bar, value in zip(bars, by_kind.values(), strict=True):
+    for bar, (kind, value) in zip(bars, by_kind.items(), strict=True):
         ax.annotate(
-            f"{value:,.0f}\n({value / plain:.2f})",
+            f"{value:,.0f}\n({rows[kind].ratio:.2f})",
             (bar.get_x() + bar.get_width() / 2, value),
             ha="center",
             va="bottom",

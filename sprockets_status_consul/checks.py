@@ -315,7 +315,8 @@ def results(application: web.Application) -> tuple[st.CheckResult, ...]:
     checks = _CHECKS.get(application)
     if checks is None:
         return ()
-    checks.ensure_running()
+    if checks._loop is not _running_loop():  # inline: this runs on every request
+        checks.ensure_running()
     return checks.results
 
 
