@@ -14,7 +14,7 @@ import http.client
 import importlib.metadata
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, ClassVar, Generic, TypeVar, overload
 
 from tornado import escape, web
@@ -180,7 +180,8 @@ class StatusHandler(web.RequestHandler):
 
     def get(self, *args: Any, **kwargs: Any) -> Awaitable[None] | None:
         self.set_status(self._status_response_code())
-        if health.wanted(self.request.headers.get("Accept", "")):
+        # get_list: no KeyError raised and caught when there is no header
+        if health.wanted(",".join(self.request.headers.get_list("Accept"))):
             self.set_header("Content-Type", health.MEDIA_TYPE)
             self.write(json.dumps(self._health_response()))
         else:
@@ -341,24 +342,55 @@ class ConsulStatusHandler(StatusHandler):
     """Whether the class keeps the hooks the JSON body comes from, so that
     the body may be encoded once per answer (set for each subclass)."""
 
+    _reads_default_values: ClassVar[bool] = True
+    """Whether the class keeps the per-request values as well (set for each
+    subclass)."""
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        cls._renders_default_body = not any(
-            name in vars(base)
-            for base in cls.__mro__
-            if base not in _DEFAULT_BODY_CLASSES
-            for name in _BODY_HOOKS
+        cls._renders_default_body = not _overrides(cls, _BODY_HOOKS)
+        cls._reads_default_values = not _overrides(
+            cls, ("_consul", *_PER_REQUEST_VALUES)
         )
 
     def get(self, *args: Any, **kwargs: Any) -> Awaitable[None] | None:
-        consul = self.consul_status
-        if (
-            not self._renders_default_body
-            or consul.age is not None  # the body holds it, and it grows
-            or health.wanted(self.request.headers.get("Accept", ""))
-        ):
+        rendered = self._rendered() if self._renders_default_body else None
+        if rendered is None:
             return super().get(*args, **kwargs)
-        answer = self.answer
+        self.set_status(rendered[0])
+        self.set_header("Content-Type", _JSON_MEDIA_TYPE)
+        self.write(rendered[1])
+        return None
+
+    def _rendered(self) -> tuple[int, bytes] | None:
+        """This request's status code and JSON body, encoded once per answer.
+
+        ``None`` when the request asks for health+json, or when the body
+        holds the answer's age, which grows. A class that keeps the
+        per-request values (:attr:`consul_status`, :attr:`own_status`,
+        :attr:`check_results`, :attr:`answer`) has them read here as their
+        methods would, without a call each: this runs on every request.
+        """
+        values = self.__dict__
+        if self._reads_default_values and not (
+            "answer" in values
+            or "consul_status" in values
+            or "own_status" in values
+            or "check_results" in values
+        ):
+            watcher = self._consul
+            consul = watcher if isinstance(watcher, ConsulStatus) else watcher.status()
+            own = str(getattr(self.application, "status", OK))
+            checks = checks_module.results(self.application)
+            answer = st.answer(own, consul, checks)
+            values["consul_status"], values["own_status"] = consul, own
+            values["check_results"], values["answer"] = checks, answer
+        else:
+            consul, answer = self.consul_status, self.answer
+        if consul.age is not None or health.wanted(
+            ",".join(self.request.headers.get_list("Accept"))
+        ):
+            return None
         name, version = application_identity(self.application)
         key = (
             name,
@@ -376,10 +408,7 @@ class ConsulStatusHandler(StatusHandler):
                 self._status_response_code(),
                 escape.utf8(escape.json_encode(self._status_response())),
             )
-        self.set_status(rendered[0])
-        self.set_header("Content-Type", _JSON_MEDIA_TYPE)
-        self.write(rendered[1])
-        return None
+        return rendered
 
     def prepare(self) -> Awaitable[None] | None:
         watcher = self._consul
@@ -491,9 +520,25 @@ _BODY_HOOKS = (
     "_application_status",
     "write",
 )
+_PER_REQUEST_VALUES = frozenset(
+    {"consul_status", "own_status", "check_results", "answer"}
+)
 _DEFAULT_BODY_CLASSES = frozenset(
     {ConsulStatusHandler, StatusHandler, web.RequestHandler, object}
 )
+
+
+def _overrides(cls: type, names: Iterable[str]) -> bool:
+    """Whether a class in ``cls``'s MRO other than this module's handlers
+    (and Tornado's) defines one of ``names``."""
+    return any(
+        name in vars(base)
+        for base in cls.__mro__
+        if base not in _DEFAULT_BODY_CLASSES
+        for name in names
+    )
+
+
 _MAX_RENDERED = 64
 _RENDERED: dict[tuple[str | None, ...], tuple[int, bytes]] = {}
 """The status code and encoded body of the latest answers (name, version,

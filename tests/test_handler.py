@@ -576,6 +576,15 @@ class Decorating(ssc.ConsulStatusHandler):
         return super().consul_status
 
 
+class ReadsAfter(ssc.ConsulStatusHandler):
+    """Keeps every hook, and reads the per-request values once answered."""
+
+    def on_finish(self) -> None:
+        self.application.settings["read_after"].append(
+            (self.consul_status, self.answer)
+        )
+
+
 class CountingWatcher(ConsulWatcher):
     reads = 0
 
@@ -587,7 +596,13 @@ class CountingWatcher(ConsulWatcher):
 class PerRequestValueTests(testing.AsyncHTTPTestCase):
     def get_app(self) -> web.Application:
         app = web.Application(
-            [(r"/early", ReadsBeforePrepare), (r"/decorated", Decorating)]
+            [
+                (r"/early", ReadsBeforePrepare),
+                (r"/decorated", Decorating),
+                (r"/after", ReadsAfter),
+                (r"/status", ssc.ConsulStatusHandler),
+            ],
+            read_after=[],
         )
         self.consul = ScriptedConsul()
         self.watcher = CountingWatcher(Settings(startup_wait=5), client=self.consul)  # type: ignore[arg-type]
@@ -611,6 +626,17 @@ class PerRequestValueTests(testing.AsyncHTTPTestCase):
             response = self.fetch("/decorated", headers={"Accept": accept})
             assert response.code == 200
             assert CountingWatcher.reads == 1, accept
+
+    def test_the_values_a_body_was_made_of_are_those_read_after_it(self) -> None:
+        self.consul.answer(3, maint("deploy 42"))
+        self.io_loop.run_sync(lambda: self.watcher.wait_ready(5))
+        for path in ("/status", "/after", "/status?again", "/after?again"):
+            CountingWatcher.reads = 0
+            body = json.loads(self.fetch(path).body)
+            assert CountingWatcher.reads == 1, path
+            assert (body["status"], body["reason"]) == ("maintenance", "deploy 42")
+        (consul, answer), _ = self._app.settings["read_after"]
+        assert consul.reason == answer.reason == "deploy 42"
 
 
 class Truthful(ssc.StatusHandler):
