@@ -54,7 +54,7 @@ class Plan:
     warmup_seconds: float
 
 
-FULL = Plan(rounds=5, round_seconds=5.0, warmup_seconds=1.0)
+FULL = Plan(rounds=9, round_seconds=4.0, warmup_seconds=1.0)
 SMOKE = Plan(rounds=1, round_seconds=0.1, warmup_seconds=0.0)
 
 
