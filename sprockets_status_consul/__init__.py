@@ -6,30 +6,70 @@
 that a request never waits on Consul.
 """
 
-from . import handler as _handler
-from .changes import on_change, status_changed
-from .checks import add_check
-from .drain import drain, requests_in_flight, serve_until_signalled, track_requests
-from .handler import (
-    ConsulStatusHandler,
-    LivenessHandler,
-    StatusHandler,
-    application_identity,
-    log_request,
-    set_application,
-)
-from .settings import FAIL_CLOSED, FAIL_OPEN, Settings, SettingsError
-from .status import (
-    DRAINING,
-    MAINTENANCE,
-    OK,
-    UNKNOWN,
-    Answer,
-    CheckResult,
-    ConsulStatus,
-)
-from .transport import ConsulError, ConsulTimeout
-from .watcher import ConsulWatcher, current, stop, watch
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what type checkers see; at run time, __getattr__ below
+    from .changes import on_change, status_changed
+    from .checks import add_check
+    from .drain import (
+        drain,
+        requests_in_flight,
+        serve_until_signalled,
+        track_requests,
+    )
+    from .handler import (
+        ConsulStatusHandler,
+        LivenessHandler,
+        StatusHandler,
+        application_identity,
+        log_request,
+        set_application,
+    )
+    from .settings import FAIL_CLOSED, FAIL_OPEN, Settings, SettingsError
+    from .status import (
+        DRAINING,
+        MAINTENANCE,
+        OK,
+        UNKNOWN,
+        Answer,
+        CheckResult,
+        ConsulStatus,
+    )
+    from .transport import ConsulError, ConsulTimeout
+    from .watcher import ConsulWatcher, current, stop, watch
+
+_MODULES = {
+    "changes": ("on_change", "status_changed"),
+    "checks": ("add_check",),
+    "drain": ("drain", "requests_in_flight", "serve_until_signalled", "track_requests"),
+    "handler": (
+        "ConsulStatusHandler",
+        "LivenessHandler",
+        "StatusHandler",
+        "application_identity",
+        "log_request",
+        "set_application",
+    ),
+    "settings": ("FAIL_CLOSED", "FAIL_OPEN", "Settings", "SettingsError"),
+    "status": (
+        "DRAINING",
+        "MAINTENANCE",
+        "OK",
+        "UNKNOWN",
+        "Answer",
+        "CheckResult",
+        "ConsulStatus",
+    ),
+    "transport": ("ConsulError", "ConsulTimeout"),
+    "watcher": ("ConsulWatcher", "current", "stop", "watch"),
+}
+_HOME = {name: module for module, names in _MODULES.items() for name in names}
+"""The module each name is imported from, on first use: importing the package
+(as the pytest plugin does for every test run where it is installed) loads
+neither Tornado nor the ``consul`` package until a name is used."""
 
 __all__ = [
     "DRAINING",
@@ -65,13 +105,24 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> str:
-    """``APPLICATION``: the :func:`set_application` name, as in the original.
+def __getattr__(name: str) -> Any:
+    """The names of ``__all__``, imported on first use; and ``APPLICATION``.
 
-    ``sprockets.handlers.status`` kept the name in a module global; reading
-    ``APPLICATION`` still gives it (``unknown`` before ``set_application``).
-    Assigning to it changes nothing: call :func:`set_application`.
+    ``APPLICATION`` is the :func:`set_application` name, as in the original:
+    ``sprockets.handlers.status`` kept it in a module global; reading it
+    still gives it (``unknown`` before ``set_application``). Assigning to it
+    changes nothing: call :func:`set_application`.
     """
     if name == "APPLICATION":
-        return _handler._application_name or UNKNOWN
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        handler = importlib.import_module(".handler", __name__)
+        return handler._application_name or handler.UNKNOWN
+    module = _HOME.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -137,3 +137,23 @@ def test_plugin_fails_when_consul_binary_is_unusable(tmp_path: Path) -> None:
     assert "ERROR test_probe.py::test_with_agent" in out
     assert "SKIPPED" not in out
     assert f"unusable consul binary: CONSUL_BINARY={str(missing)!r}" in out
+
+
+def test_the_pytest_plugin_loads_neither_tornado_nor_consul() -> None:
+    """Installed, the plugin is imported by every pytest run of the environment:
+    the library's imports wait until a name of the package is used."""
+    code = textwrap.dedent(
+        """
+        import sys
+        import sprockets_status_consul.pytest_plugin
+        loaded = sorted({"tornado", "consul", "requests"} & set(sys.modules))
+        import sprockets_status_consul as ssc
+        names = [n for n in ssc.__all__ if getattr(ssc, n, None) is None]
+        listed = set(ssc.__all__) <= set(dir(ssc))
+        print(loaded, names, listed, "tornado" in sys.modules)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.split("\n")[0] == "[] [] True True", result.stdout
