@@ -348,7 +348,13 @@ class ConsulStatusHandler(StatusHandler):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        cls._renders_default_body = not _overrides(cls, _BODY_HOOKS)
+        # A get after this class in the MRO is reached only through
+        # super().get(), which a written body skips: it must be asked.
+        mro = cls.__mro__
+        cls._renders_default_body = not (
+            _overrides(cls, _BODY_HOOKS)
+            or _overrides(cls, ("get",), mro[mro.index(ConsulStatusHandler) + 1 :])
+        )
         cls._reads_default_values = not _overrides(
             cls, ("_consul", *_PER_REQUEST_VALUES)
         )
@@ -528,12 +534,14 @@ _DEFAULT_BODY_CLASSES = frozenset(
 )
 
 
-def _overrides(cls: type, names: Iterable[str]) -> bool:
-    """Whether a class in ``cls``'s MRO other than this module's handlers
-    (and Tornado's) defines one of ``names``."""
+def _overrides(
+    cls: type, names: Iterable[str], bases: Iterable[type] | None = None
+) -> bool:
+    """Whether a class in ``cls``'s MRO (or in ``bases``) other than this
+    module's handlers (and Tornado's) defines one of ``names``."""
     return any(
         name in vars(base)
-        for base in cls.__mro__
+        for base in (cls.__mro__ if bases is None else bases)
         if base not in _DEFAULT_BODY_CLASSES
         for name in names
     )

@@ -251,6 +251,16 @@ class ExtraAfter(ssc.ConsulStatusHandler, Extra):
     """``Extra`` comes after the handler in the MRO: reached through super()."""
 
 
+class Stamping(ssc.StatusHandler):
+    def get(self, *args: Any, **kwargs: Any) -> Awaitable[None] | None:
+        self.set_header("X-Stamp", "stamped")
+        return super().get(*args, **kwargs)
+
+
+class StampingAfter(Told, Stamping):
+    """``Stamping.get`` comes after the handler's in the MRO, reached by super()."""
+
+
 class EncodedOnceTests(testing.AsyncHTTPTestCase):
     """The JSON body is encoded once per answer, and is the hooks' body."""
 
@@ -266,6 +276,7 @@ class EncodedOnceTests(testing.AsyncHTTPTestCase):
                 (r"/told", Told),
                 (r"/each", ToldEachTime),
                 (r"/mixed", ExtraAfter),
+                (r"/stamped", StampingAfter),
                 (r"/other/.*", other),
                 (r"/third/.*", third),
             ]
@@ -337,6 +348,12 @@ class EncodedOnceTests(testing.AsyncHTTPTestCase):
     def test_a_mixin_reached_through_super_still_shapes_the_body(self) -> None:
         for _ in range(2):
             assert json.loads(self.fetch("/mixed").body)["extra"] is True
+
+    def test_a_mixin_get_reached_through_super_is_still_called(self) -> None:
+        for _ in range(2):
+            response = self.fetch("/stamped?status=maintenance&reason=r")
+            assert response.headers.get("X-Stamp") == "stamped"
+            assert json.loads(response.body)["reason"] == "r"
 
 
 class FailClosedTests(testing.AsyncHTTPTestCase):
