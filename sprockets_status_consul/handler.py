@@ -324,8 +324,9 @@ class ConsulStatusHandler(StatusHandler):
     name and version stay the same, a request writes the bytes it wrote last
     time. That holds only for a class that keeps the hooks the body comes
     from (:meth:`_status_response`, :meth:`_status_response_code`,
-    :meth:`_application_status` and ``write``), as decided when the class is
-    made; one that overrides any of them is asked on every request.
+    :meth:`_application_status` and ``write``, and no ``get`` reached
+    through ``super()``); one that overrides any of them, when it is made or
+    later (a class decorator, a patch), is asked on every request.
 
     The watcher is asked for once per request. When there is none to ask,
     the answer is still a status body: a bad ``consul_status`` setting
@@ -360,7 +361,8 @@ class ConsulStatusHandler(StatusHandler):
         )
 
     def get(self, *args: Any, **kwargs: Any) -> Awaitable[None] | None:
-        rendered = self._rendered() if self._renders_default_body else None
+        kept = self._renders_default_body and _hooks_kept(type(self))
+        rendered = self._rendered() if kept else None
         if rendered is None:
             return super().get(*args, **kwargs)
         self.set_status(rendered[0])
@@ -544,6 +546,31 @@ def _overrides(
         for base in (cls.__mro__ if bases is None else bases)
         if base not in _DEFAULT_BODY_CLASSES
         for name in names
+    )
+
+
+_LIBRARY_HOOKS = (
+    ConsulStatusHandler._status_response,
+    ConsulStatusHandler._status_response_code,
+    ConsulStatusHandler._application_status,
+    ConsulStatusHandler.write,
+    StatusHandler._status_response,
+    StatusHandler._application_status,
+)
+
+
+def _hooks_kept(cls: type[ConsulStatusHandler]) -> bool:
+    """Whether ``cls`` has the body's hooks of this library still, those
+    ``super()`` reaches included: a class decorator, or a test's patch, may
+    change one after the class is made (and the body is then not kept)."""
+    response, code, status, write, base_response, base_status = _LIBRARY_HOOKS
+    return (
+        cls._status_response is response
+        and cls._status_response_code is code
+        and cls._application_status is status
+        and cls.write is write
+        and StatusHandler._status_response is base_response
+        and StatusHandler._application_status is base_status
     )
 
 

@@ -261,6 +261,21 @@ class StampingAfter(Told, Stamping):
     """``Stamping.get`` comes after the handler's in the MRO, reached by super()."""
 
 
+def with_extra(cls: type[Told]) -> type[Told]:
+    """A class decorator: the hook is added after the class is made."""
+
+    def _status_response(self: Told) -> dict[str, Any]:
+        return {**ssc.ConsulStatusHandler._status_response(self), "extra": True}
+
+    cls._status_response = _status_response  # type: ignore[method-assign]
+    return cls
+
+
+@with_extra
+class Decorated(Told):
+    pass
+
+
 class EncodedOnceTests(testing.AsyncHTTPTestCase):
     """The JSON body is encoded once per answer, and is the hooks' body."""
 
@@ -277,6 +292,7 @@ class EncodedOnceTests(testing.AsyncHTTPTestCase):
                 (r"/each", ToldEachTime),
                 (r"/mixed", ExtraAfter),
                 (r"/stamped", StampingAfter),
+                (r"/decorated", Decorated),
                 (r"/other/.*", other),
                 (r"/third/.*", third),
             ]
@@ -348,6 +364,27 @@ class EncodedOnceTests(testing.AsyncHTTPTestCase):
     def test_a_mixin_reached_through_super_still_shapes_the_body(self) -> None:
         for _ in range(2):
             assert json.loads(self.fetch("/mixed").body)["extra"] is True
+
+    def test_a_hook_added_after_the_class_is_made_is_asked(self) -> None:
+        for path in ("/told", "/decorated", "/told", "/decorated"):
+            body = json.loads(self.fetch(f"{path}?status=maintenance&reason=r").body)
+            assert ("extra" in body) is (path == "/decorated"), path
+
+    def test_a_patched_hook_is_asked_and_leaves_no_trace(self) -> None:
+        for hook, patched in (
+            (ssc.ConsulStatusHandler, "_status_response_code"),
+            (ssc.StatusHandler, "_status_response_code"),
+        ):
+            assert self.fetch("/told").code == 200
+            with mock.patch.object(hook, patched, return_value=418):
+                assert self.fetch("/told").code == 418
+                assert self.fetch("/told?status=maintenance").code == 418
+            assert self.fetch("/told").code == 200
+            assert self.fetch("/told?status=maintenance").code == 503
+        with mock.patch.object(ssc.StatusHandler, "_status_response") as response:
+            response.return_value = {"application": "patched"}
+            assert json.loads(self.fetch("/told").body)["application"] == "patched"
+        assert json.loads(self.fetch("/told").body)["application"] == "tornado"
 
     def test_a_mixin_get_reached_through_super_is_still_called(self) -> None:
         for _ in range(2):
