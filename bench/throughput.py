@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import math
 import statistics
 from collections.abc import Sequence
 from typing import Any
@@ -32,6 +33,7 @@ from bench.common import (
     SHORT,
     Backend,
     Bench,
+    LoadResult,
     Target,
     cpu_ns,
     progress,
@@ -85,11 +87,18 @@ class Row:
 
     @property
     def ratio(self) -> float:
-        return statistics.median(self.ratios) if self.ratios else 1.0
+        """The median of :attr:`ratios`: 1 for the plain handler, NaN (no
+        target met) for another kind with no round measured."""
+        return self._median_ratio(self.ratios)
 
     @property
     def cpu_ratio(self) -> float:
-        return statistics.median(self.cpu_ratios) if self.cpu_ratios else 1.0
+        return self._median_ratio(self.cpu_ratios)
+
+    def _median_ratio(self, ratios: list[float]) -> float:
+        if ratios:
+            return statistics.median(ratios)
+        return 1.0 if self.kind == "plain" else math.nan
 
     @property
     def p99_median(self) -> float | None:
@@ -207,10 +216,10 @@ async def measure(plan: Plan, bench: Bench) -> Result:
                     entry.errors += result.errors
                     if result.p99_ms is not None:
                         entry.p99_ms.append(result.p99_ms)
-                results[kind].ratios.append(runs[1].rate / max(runs[0].rate, 1e-9))
-                results[kind].cpu_ratios.append(
-                    per_request[0] / max(per_request[1], 1e-9)
-                )
+                paired = side_by_side(runs[0], runs[1], per_request[0], per_request[1])
+                if paired is not None:
+                    results[kind].ratios.append(paired[0])
+                    results[kind].cpu_ratios.append(paired[1])
                 progress(
                     f"throughput round {round_ + 1} {kind}: {runs[1].rate:,.0f}/s "
                     f"beside plain {runs[0].rate:,.0f}/s"
@@ -220,6 +229,18 @@ async def measure(plan: Plan, bench: Bench) -> Result:
     finally:
         await procs.stop(b.process for b in backends.values())
     return Result(plan, list(results.values()), load.describe(), pinning.how)
+
+
+def side_by_side(
+    plain: LoadResult, other: LoadResult, plain_cpu_us: float, other_cpu_us: float
+) -> tuple[float, float] | None:
+    """The ratios of one round, ``other`` beside ``plain``: throughput over
+    plain's, and plain's CPU per request over its own. None when either
+    answered nothing: a load that failed, not a ratio (plain's 0 req/s would
+    make any kind look many times faster)."""
+    if plain.rate <= 0 or other.rate <= 0 or other_cpu_us <= 0:
+        return None
+    return other.rate / plain.rate, plain_cpu_us / other_cpu_us
 
 
 def targets(result: Result) -> list[Target]:
