@@ -10,8 +10,9 @@ compare to a microsecond where req/s under wrk, on a shared VM, does not.
 
 The library's kinds answer as a connected watcher would
 (:func:`~sprockets_status_consul.testing.consul_says`), and every kind's
-answer is checked to be the plain handler's, byte for byte (bar the kinds
-that change the body on purpose). No Consul is needed.
+answer is checked to be the plain handler's, byte for byte: status code,
+headers but ``Date``, and body (bar the kinds that change it on purpose).
+No Consul is needed.
 """
 
 from __future__ import annotations
@@ -45,7 +46,15 @@ class _Connection(httputil.HTTPConnection):
         headers: httputil.HTTPHeaders,
         chunk: bytes | None = None,
     ) -> asyncio.Future[None]:
-        self.written = [str(start_line.code).encode(), chunk or b""]
+        self.written = [
+            str(start_line.code).encode(),
+            *sorted(
+                f"{name}: {value}".encode()
+                for name, value in headers.get_all()
+                if name != "Date"
+            ),
+            chunk or b"",
+        ]
         return self._done_future()
 
     def write(self, chunk: bytes) -> asyncio.Future[None]:
