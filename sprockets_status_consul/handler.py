@@ -380,11 +380,15 @@ class ConsulStatusHandler(StatusHandler):
         methods would, without a call each: this runs on every request.
         """
         values = self.__dict__
-        if self._reads_default_values and not (
-            "answer" in values
-            or "consul_status" in values
-            or "own_status" in values
-            or "check_results" in values
+        if (
+            self._reads_default_values
+            and _values_kept(type(self))
+            and not (
+                "answer" in values
+                or "consul_status" in values
+                or "own_status" in values
+                or "check_results" in values
+            )
         ):
             watcher = self._consul
             consul = watcher if isinstance(watcher, ConsulStatus) else watcher.status()
@@ -572,6 +576,21 @@ def _hooks_kept(cls: type[ConsulStatusHandler]) -> bool:
         and StatusHandler._status_response is base_response
         and StatusHandler._application_status is base_status
     )
+
+
+_VALUE_NAMES = ("_consul", *sorted(_PER_REQUEST_VALUES))
+_LIBRARY_VALUES = tuple(vars(ConsulStatusHandler)[name] for name in _VALUE_NAMES)
+
+
+def _values_kept(cls: type[ConsulStatusHandler]) -> bool:
+    """Whether the per-request values are still the library's on its class,
+    and ``cls`` has none of its own: a test may patch one after the class is
+    made (and the values are then read through it)."""
+    library, own = vars(ConsulStatusHandler), vars(cls)
+    for name, value in zip(_VALUE_NAMES, _LIBRARY_VALUES, strict=True):
+        if library[name] is not value or (own is not library and name in own):
+            return False
+    return True
 
 
 _MAX_RENDERED = 64

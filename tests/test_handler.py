@@ -235,6 +235,10 @@ class Told(ssc.ConsulStatusHandler):
         )
 
 
+class Subclassed(ssc.ConsulStatusHandler):
+    """Keeps every hook and every per-request value."""
+
+
 class ToldEachTime(Told):
     """Overrides a hook of the body, so its body is made on every request."""
 
@@ -289,6 +293,8 @@ class EncodedOnceTests(testing.AsyncHTTPTestCase):
         app = web.Application(
             [
                 (r"/told", Told),
+                (r"/ConsulStatusHandler", ssc.ConsulStatusHandler),
+                (r"/Subclassed", Subclassed),
                 (r"/each", ToldEachTime),
                 (r"/mixed", ExtraAfter),
                 (r"/stamped", StampingAfter),
@@ -385,6 +391,19 @@ class EncodedOnceTests(testing.AsyncHTTPTestCase):
             response.return_value = {"application": "patched"}
             assert json.loads(self.fetch("/told").body)["application"] == "patched"
         assert json.loads(self.fetch("/told").body)["application"] == "tornado"
+
+    def test_a_patched_per_request_value_is_read(self) -> None:
+        said = ConsulStatus(ssc.MAINTENANCE, st.CONNECTED, "patched", "node")
+        for cls in (ssc.ConsulStatusHandler, Subclassed):
+            assert self.fetch(f"/{cls.__name__}").code == 200
+            with mock.patch.object(
+                cls, "consul_status", new_callable=mock.PropertyMock
+            ) as consul_status:
+                consul_status.return_value = said
+                response = self.fetch(f"/{cls.__name__}")
+                assert response.code == 503
+                assert json.loads(response.body)["reason"] == "patched"
+            assert self.fetch(f"/{cls.__name__}").code == 200
 
     def test_a_mixin_get_reached_through_super_is_still_called(self) -> None:
         for _ in range(2):
