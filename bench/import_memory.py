@@ -4,7 +4,9 @@
 Tornado's modules that the library uses, reads ``VmRSS`` from
 ``/proc/self/status``, imports the row's module and reads it again. The
 ``consul`` package's ``__init__`` imports its ``requests`` client, which this
-library does not use; that is most of the difference. Linux only.
+library does not use; that is most of the difference. The package itself
+imports its modules when one of its names is first used, so the last row is
+what an application that uses the handler pays. Linux only.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ ROWS = [
     ("import consul.base", "consul.base"),
     ("import requests", "requests"),
     ("import sprockets_status_consul", "sprockets_status_consul"),
+    ("import sprockets_status_consul.handler", "sprockets_status_consul.handler"),
 ]
 
 PROBE = """
