@@ -183,8 +183,8 @@ async def make_app(
     ``follow``: more ``consul_status`` settings (``poll`` and ``watch`` only).
     """
     if kind in ("plain", "plain-import"):
-        if kind == "plain-import":
-            import sprockets_status_consul  # noqa: F401
+        if kind == "plain-import":  # the handler's module imports the rest
+            import sprockets_status_consul.handler
         return web.Application(
             [(r"/status", PlainStatusHandler)], log_function=_no_log
         ), None
