@@ -116,12 +116,15 @@ def __getattr__(name: str) -> Any:
     if name == "APPLICATION":
         handler = importlib.import_module(".handler", __name__)
         return handler._application_name or handler.UNKNOWN
-    module = _HOME.get(name)
-    if module is None:
+    home = _HOME.get(name)
+    if home is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+    module = importlib.import_module(f".{home}", __name__)
+    # All of the module's names at once: importing ``.drain`` binds the
+    # package's ``drain`` to the module, and the function must win.
+    for exported in _MODULES[home]:
+        globals()[exported] = getattr(module, exported)
+    return globals()[name]
 
 
 def __dir__() -> list[str]:
