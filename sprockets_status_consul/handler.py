@@ -17,7 +17,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, ClassVar, Generic, TypeVar, overload
 
-from tornado import escape, web
+from tornado import escape, httputil, web
 from tornado.log import access_log
 
 from . import checks as checks_module
@@ -180,8 +180,7 @@ class StatusHandler(web.RequestHandler):
 
     def get(self, *args: Any, **kwargs: Any) -> Awaitable[None] | None:
         self.set_status(self._status_response_code())
-        # get_list: no KeyError raised and caught when there is no header
-        if health.wanted(",".join(self.request.headers.get_list("Accept"))):
+        if _wants_health(self.request):
             self.set_header("Content-Type", health.MEDIA_TYPE)
             self.write(json.dumps(self._health_response()))
         else:
@@ -343,10 +342,6 @@ class ConsulStatusHandler(StatusHandler):
     """Whether the class keeps the hooks the JSON body comes from, so that
     the body may be encoded once per answer (set for each subclass)."""
 
-    _reads_default_values: ClassVar[bool] = True
-    """Whether the class keeps the per-request values as well (set for each
-    subclass)."""
-
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         # A get after this class in the MRO is reached only through
@@ -355,9 +350,6 @@ class ConsulStatusHandler(StatusHandler):
         cls._renders_default_body = not (
             _overrides(cls, _BODY_HOOKS)
             or _overrides(cls, ("get",), mro[mro.index(ConsulStatusHandler) + 1 :])
-        )
-        cls._reads_default_values = not _overrides(
-            cls, ("_consul", *_PER_REQUEST_VALUES)
         )
 
     def get(self, *args: Any, **kwargs: Any) -> Awaitable[None] | None:
@@ -374,34 +366,10 @@ class ConsulStatusHandler(StatusHandler):
         """This request's status code and JSON body, encoded once per answer.
 
         ``None`` when the request asks for health+json, or when the body
-        holds the answer's age, which grows. A class that keeps the
-        per-request values (:attr:`consul_status`, :attr:`own_status`,
-        :attr:`check_results`, :attr:`answer`) has them read here as their
-        methods would, without a call each: this runs on every request.
+        holds the answer's age, which grows.
         """
-        values = self.__dict__
-        if (
-            self._reads_default_values
-            and _values_kept(type(self))
-            and not (
-                "answer" in values
-                or "consul_status" in values
-                or "own_status" in values
-                or "check_results" in values
-            )
-        ):
-            watcher = self._consul
-            consul = watcher if isinstance(watcher, ConsulStatus) else watcher.status()
-            own = str(getattr(self.application, "status", OK))
-            checks = checks_module.results(self.application)
-            answer = st.answer(own, consul, checks)
-            values["consul_status"], values["own_status"] = consul, own
-            values["check_results"], values["answer"] = checks, answer
-        else:
-            consul, answer = self.consul_status, self.answer
-        if consul.age is not None or health.wanted(
-            ",".join(self.request.headers.get_list("Accept"))
-        ):
+        consul, answer = self.consul_status, self.answer
+        if consul.age is not None or _wants_health(self.request):
             return None
         name, version = application_identity(self.application)
         key = (
@@ -532,9 +500,6 @@ _BODY_HOOKS = (
     "_application_status",
     "write",
 )
-_PER_REQUEST_VALUES = frozenset(
-    {"consul_status", "own_status", "check_results", "answer"}
-)
 _DEFAULT_BODY_CLASSES = frozenset(
     {ConsulStatusHandler, StatusHandler, web.RequestHandler, object}
 )
@@ -578,42 +543,18 @@ def _hooks_kept(cls: type[ConsulStatusHandler]) -> bool:
     )
 
 
-_LIBRARY_VALUES = tuple(
-    vars(ConsulStatusHandler)[name]
-    for name in ("_consul", "consul_status", "own_status", "check_results", "answer")
-)
-
-
-def _values_kept(cls: type[ConsulStatusHandler]) -> bool:
-    """Whether the per-request values are still the library's on its class,
-    and ``cls`` has none of its own: a test may patch one after the class is
-    made (and the values are then read through it)."""
-    library = vars(ConsulStatusHandler)
-    consul, consul_status, own_status, check_results, answer = _LIBRARY_VALUES
-    if not (
-        library["_consul"] is consul
-        and library["consul_status"] is consul_status
-        and library["own_status"] is own_status
-        and library["check_results"] is check_results
-        and library["answer"] is answer
-    ):
-        return False
-    if cls is ConsulStatusHandler:
-        return True
-    own = vars(cls)
-    return not (
-        "_consul" in own
-        or "consul_status" in own
-        or "own_status" in own
-        or "check_results" in own
-        or "answer" in own
-    )
-
-
 _MAX_RENDERED = 64
 _RENDERED: dict[tuple[str | None, ...], tuple[int, bytes]] = {}
 """The status code and encoded body of the latest answers (name, version,
 status, source, reason, ``consul``); cleared when full, as reasons can vary."""
+
+
+def _wants_health(request: httputil.HTTPServerRequest) -> bool:
+    """Whether the request's ``Accept`` prefers health+json (:func:`.health.wanted`).
+
+    ``get_list``: no ``KeyError`` raised and caught when there is no header.
+    """
+    return health.wanted(",".join(request.headers.get_list("Accept")))
 
 
 def _first_time(kind: str) -> bool:
