@@ -10,6 +10,9 @@ that they do, see ``answers_differ`` in :mod:`bench.throughput`):
 ``plain``
     a plain Tornado handler writing the JSON, no Consul: the limit. The
     process imports neither the library nor python-consul2.
+``plain-again``
+    the same as ``plain``: a second process of it, to tell the measurement's
+    own error when the two are compared.
 ``plain-import``
     the same handler in a process that also imports the library (and so
     python-consul2): tells the cost of the imports from that of the watcher.
@@ -62,7 +65,16 @@ from tornado import httpserver, netutil, web
 APPLICATION = "sprockets-status-consul"
 """The application name every kind reports, and whose version it reports."""
 
-KINDS = ("plain", "plain-import", "seed", "poll", "watch", "checks", "slow-check")
+KINDS = (
+    "plain",
+    "plain-again",
+    "plain-import",
+    "seed",
+    "poll",
+    "watch",
+    "checks",
+    "slow-check",
+)
 
 SLOW_CHECK_SECONDS = 5.0
 """How long the ``slow-check`` kind's check takes to answer."""
@@ -182,7 +194,7 @@ async def make_app(
 
     ``follow``: more ``consul_status`` settings (``poll`` and ``watch`` only).
     """
-    if kind in ("plain", "plain-import"):
+    if kind in ("plain", "plain-again", "plain-import"):
         if kind == "plain-import":  # the handler's module imports the rest
             import sprockets_status_consul.handler
         return web.Application(

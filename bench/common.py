@@ -51,6 +51,10 @@ TTL = 10.0
 
 KINDS = {
     "plain": ("plain", "plain Tornado handler (the limit)"),
+    "plain-again": (
+        "plain again",
+        "plain handler again, another process (the measurement's own error)",
+    ),
     "plain-import": ("plain + import", "plain handler, library imported, no watcher"),
     "seed": ("seed-style", "seed-style: python-consul2 `health.node` in `prepare`"),
     "poll": (

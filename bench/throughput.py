@@ -1,7 +1,9 @@
 """1. Throughput of one backend process serving ``/status``.
 
-A plain Tornado handler (the limit), the seed-style handler that asks Consul
-in ``prepare``, ``ConsulStatusHandler`` polling every TTL,
+A plain Tornado handler (the limit) and, to tell what the measurement and
+the imports alone are worth, the same handler in another process and in one
+that imports the library; the seed-style handler that asks Consul in
+``prepare``, ``ConsulStatusHandler`` polling every TTL,
 ``ConsulStatusHandler`` with its defaults, and with its defaults and the
 application's checks (three quick ones; one that takes 5 s).
 
@@ -11,6 +13,8 @@ the two backends share one core, each under a load generator of its own
 throughputs in that round is the ratio of their costs, and whatever slows
 the machine meanwhile slows both; measured one after the other, rounds on a
 shared virtual machine differ by more than the few per cent to be told.
+Each round starts backends of its own, so that no process's luck (its hash
+seed, its memory layout: a per cent or two of req/s) weighs on every round.
 Reported: medians over the rounds of those ratios, of the throughput and of
 the 99th percentile of the latency. The backends are pinned to one core and
 the load generators to another when ``taskset`` and two cores are there. The
@@ -42,7 +46,16 @@ from bench.common import (
     vm_rss_kb,
 )
 
-KINDS = ("plain", "seed", "poll", "watch", "checks", "slow-check")
+KINDS = (
+    "plain",
+    "plain-again",
+    "plain-import",
+    "seed",
+    "poll",
+    "watch",
+    "checks",
+    "slow-check",
+)
 TARGET_RATIO = 0.97
 LATENCY_TOLERANCE = 1.1
 """The p99 latency with a check always running may exceed that without by
@@ -56,7 +69,7 @@ class Plan:
     warmup_seconds: float
 
 
-FULL = Plan(rounds=9, round_seconds=4.0, warmup_seconds=1.0)
+FULL = Plan(rounds=12, round_seconds=4.0, warmup_seconds=1.0)
 SMOKE = Plan(rounds=1, round_seconds=0.1, warmup_seconds=0.0)
 
 
@@ -168,6 +181,20 @@ async def answers_differ(reference: Backend, others: Sequence[Backend]) -> list[
 
 
 async def measure(plan: Plan, bench: Bench) -> Result:
+    results = {k: Row(k, [], [], 0, 0, 0) for k in KINDS}
+    for round_ in range(plan.rounds):
+        await _round(plan, bench, round_, results)
+    return Result(
+        plan, list(results.values()), bench.load.describe(), bench.pinning.how
+    )
+
+
+async def _round(
+    plan: Plan, bench: Bench, round_: int, results: dict[str, Row]
+) -> None:
+    """One round, on backends of its own: each process has its own luck
+    (hash seed, memory layout), worth a per cent or two of req/s, which a
+    run that kept its processes would count in every round."""
     agent, procs, load, pinning = (
         bench.dev_agent,
         bench.procs,
@@ -181,7 +208,6 @@ async def measure(plan: Plan, bench: Bench) -> Result:
         )
     )
     backends = {group[0].kind: group[0] for group in groups}
-    results = {k: Row(k, [], [], 0, 0, 0) for k in KINDS}
     try:
         differences = await answers_differ(
             backends["plain"], [b for k, b in backends.items() if k != "plain"]
@@ -196,39 +222,37 @@ async def measure(plan: Plan, bench: Bench) -> Result:
             if plan.warmup_seconds > 0:
                 await load.run([backends[kind].port], plan.warmup_seconds)
         others = [kind for kind in KINDS if kind != "plain"]
-        for round_ in range(plan.rounds):
-            shift = round_ % len(others)
-            for kind in others[shift:] + others[:shift]:
-                pair = (backends["plain"], backends[kind])
-                cpu = [cpu_ns(b.pid) for b in pair]
-                runs = await asyncio.gather(
-                    *(load.run([b.port], plan.round_seconds) for b in pair)
+        shift = round_ % len(others)
+        for kind in others[shift:] + others[:shift]:
+            pair = (backends["plain"], backends[kind])
+            cpu = [cpu_ns(b.pid) for b in pair]
+            runs = await asyncio.gather(
+                *(load.run([b.port], plan.round_seconds) for b in pair)
+            )
+            per_request = []
+            for backend, result, before in zip(pair, runs, cpu, strict=True):
+                entry = results[backend.kind]
+                entry.rates.append(result.rate)
+                per_request.append(
+                    (cpu_ns(backend.pid) - before) / 1000 / max(result.requests, 1)
                 )
-                per_request = []
-                for backend, result, before in zip(pair, runs, cpu, strict=True):
-                    entry = results[backend.kind]
-                    entry.rates.append(result.rate)
-                    per_request.append(
-                        (cpu_ns(backend.pid) - before) / 1000 / max(result.requests, 1)
-                    )
-                    entry.cpu_us.append(per_request[-1])
-                    entry.non_200 += result.non_200
-                    entry.errors += result.errors
-                    if result.p99_ms is not None:
-                        entry.p99_ms.append(result.p99_ms)
-                paired = side_by_side(runs[0], runs[1], per_request[0], per_request[1])
-                if paired is not None:
-                    results[kind].ratios.append(paired[0])
-                    results[kind].cpu_ratios.append(paired[1])
-                progress(
-                    f"throughput round {round_ + 1} {kind}: {runs[1].rate:,.0f}/s "
-                    f"beside plain {runs[0].rate:,.0f}/s"
-                )
+                entry.cpu_us.append(per_request[-1])
+                entry.non_200 += result.non_200
+                entry.errors += result.errors
+                if result.p99_ms is not None:
+                    entry.p99_ms.append(result.p99_ms)
+            paired = side_by_side(runs[0], runs[1], per_request[0], per_request[1])
+            if paired is not None:
+                results[kind].ratios.append(paired[0])
+                results[kind].cpu_ratios.append(paired[1])
+            progress(
+                f"throughput round {round_ + 1} {kind}: {runs[1].rate:,.0f}/s "
+                f"beside plain {runs[0].rate:,.0f}/s"
+            )
         for kind, backend in backends.items():
             results[kind].rss_kb = vm_rss_kb(backend.pid)
     finally:
         await procs.stop(b.process for b in backends.values())
-    return Result(plan, list(results.values()), load.describe(), pinning.how)
 
 
 def side_by_side(
@@ -285,7 +309,9 @@ def render(result: Result) -> list[str]:
         return []
     lines = [
         f"**1. Throughput** of one backend process serving `/status`, side by "
-        f"side with the plain handler: in each of {plan.rounds} rounds of "
+        f"side with the plain handler: in each of {plan.rounds} rounds, on "
+        "backend processes started for it (a process's own luck, its hash seed "
+        "and memory layout, is worth a per cent or two), and for "
         f"{plan.round_seconds:g} s (after {plan.warmup_seconds:g} s of warm-up "
         "each, alone), every other kind in turn shares one core with the plain "
         "handler, each under a load of its own at the same moment, so req/s is "
