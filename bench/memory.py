@@ -122,7 +122,8 @@ def render(
     lines = [
         f"**4. Memory**: VmRSS after {plan.warmup} warm-up requests, "
         f"median of {plan.processes} processes each; and of the "
-        "throughput backends after their rounds.",
+        "throughput backends after the last throughput round (one round's load; "
+        "the plain handler's, one per other kind).",
         "",
     ]
     plain = memory.get("plain")
@@ -140,7 +141,8 @@ def render(
             ]
         )
     lines += table(
-        ["process", "after warm-up", "vs plain", "after the throughput rounds"], rows
+        ["process", "after warm-up", "vs plain", "after the last throughput round"],
+        rows,
     )
     return [*lines, ""]
 

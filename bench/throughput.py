@@ -14,7 +14,7 @@ throughputs in that round is the ratio of their costs, and whatever slows
 the machine meanwhile slows both; measured one after the other, rounds on a
 shared virtual machine differ by more than the few per cent to be told.
 Each round starts backends of its own, so that no process's luck (its hash
-seed, its memory layout: a per cent or two of req/s) weighs on every round.
+seed, its memory layout) weighs on every round.
 Reported: medians over the rounds of those ratios, of the throughput and of
 the 99th percentile of the latency. The backends are pinned to one core and
 the load generators to another when ``taskset`` and two cores are there. The
@@ -69,8 +69,9 @@ class Plan:
     warmup_seconds: float
 
 
-FULL = Plan(rounds=12, round_seconds=4.0, warmup_seconds=1.0)
-SMOKE = Plan(rounds=1, round_seconds=0.1, warmup_seconds=0.0)
+FULL = Plan(rounds=14, round_seconds=4.0, warmup_seconds=1.0)
+"""14 rounds: each of the 7 other kinds takes each place in a round twice."""
+SMOKE = Plan(rounds=2, round_seconds=0.1, warmup_seconds=0.0)
 
 
 @dataclasses.dataclass
@@ -193,8 +194,8 @@ async def _round(
     plan: Plan, bench: Bench, round_: int, results: dict[str, Row]
 ) -> None:
     """One round, on backends of its own: each process has its own luck
-    (hash seed, memory layout), worth a per cent or two of req/s, which a
-    run that kept its processes would count in every round."""
+    (hash seed, memory layout), which a run that kept its processes would
+    count in every round."""
     agent, procs, load, pinning = (
         bench.dev_agent,
         bench.procs,
@@ -205,10 +206,14 @@ async def _round(
         *(
             start_backends(procs, kind, [agent.http_addr], pinning.backend, pinning)
             for kind in KINDS
-        )
+        ),
+        return_exceptions=True,
     )
-    backends = {group[0].kind: group[0] for group in groups}
+    backends = {group[0].kind: group[0] for group in groups if isinstance(group, list)}
     try:
+        for group in groups:  # the others are stopped below, not at the run's end
+            if isinstance(group, BaseException):
+                raise group
         differences = await answers_differ(
             backends["plain"], [b for k, b in backends.items() if k != "plain"]
         )
@@ -249,7 +254,7 @@ async def _round(
                 f"throughput round {round_ + 1} {kind}: {runs[1].rate:,.0f}/s "
                 f"beside plain {runs[0].rate:,.0f}/s"
             )
-        for kind, backend in backends.items():
+        for kind, backend in backends.items():  # the last round's processes
             results[kind].rss_kb = vm_rss_kb(backend.pid)
     finally:
         await procs.stop(b.process for b in backends.values())
@@ -311,7 +316,7 @@ def render(result: Result) -> list[str]:
         f"**1. Throughput** of one backend process serving `/status`, side by "
         f"side with the plain handler: in each of {plan.rounds} rounds, on "
         "backend processes started for it (a process's own luck, its hash seed "
-        "and memory layout, is worth a per cent or two), and for "
+        "and memory layout, would otherwise weigh on every round), and for "
         f"{plan.round_seconds:g} s (after {plan.warmup_seconds:g} s of warm-up "
         "each, alone), every other kind in turn shares one core with the plain "
         "handler, each under a load of its own at the same moment, so req/s is "
