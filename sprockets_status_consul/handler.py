@@ -342,10 +342,6 @@ class ConsulStatusHandler(StatusHandler):
     """Whether the class keeps the hooks the JSON body comes from, so that
     the body may be encoded once per answer (set for each subclass)."""
 
-    _reads_default_values: ClassVar[bool] = True
-    """Whether the class keeps the per-request values too, so that a request
-    may read its answer from the sources directly (set for each subclass)."""
-
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         # A get after this class in the MRO is reached only through
@@ -355,7 +351,6 @@ class ConsulStatusHandler(StatusHandler):
             _overrides(cls, _BODY_HOOKS)
             or _overrides(cls, ("get",), mro[mro.index(ConsulStatusHandler) + 1 :])
         )
-        cls._reads_default_values = not _overrides(cls, _VALUES)
 
     def get(self, *args: Any, **kwargs: Any) -> Awaitable[None] | None:
         kept = self._renders_default_body and _hooks_kept(type(self))
@@ -372,29 +367,9 @@ class ConsulStatusHandler(StatusHandler):
 
         ``None`` when the request asks for health+json, or when the body
         holds the answer's age, which grows.
-
-        While the class keeps the library's per-request values and none has
-        been read yet, they are read here from their sources, as
-        :attr:`consul_status`, :attr:`own_status`, :attr:`check_results` and
-        :attr:`answer` would read them, and kept as the request's values:
-        this runs on every request, and reading each through its descriptor
-        was most of what a request cost beyond the plain handler.
         """
-        values = self.__dict__
-        if self._reads_default_values and _values_kept(type(self), values):
-            watcher = self._consul
-            consul = watcher if isinstance(watcher, ConsulStatus) else watcher.status()
-            own = str(getattr(self.application, "status", OK))
-            checks = checks_module.results(self.application)
-            answer = st.answer(own, consul, checks)
-            values["consul_status"], values["own_status"] = consul, own
-            values["check_results"], values["answer"] = checks, answer
-        else:
-            consul, answer = self.consul_status, self.answer
-        if consul.age is not None:
-            return None
-        accept = self.request.headers.get_list("Accept")
-        if accept and health.wanted(",".join(accept)):
+        consul, answer = self.consul_status, self.answer
+        if consul.age is not None or _wants_health(self.request):
             return None
         name, version = application_identity(self.application)
         key = (
@@ -565,48 +540,6 @@ def _hooks_kept(cls: type[ConsulStatusHandler]) -> bool:
         and cls.write is write
         and StatusHandler._status_response is base_response
         and StatusHandler._application_status is base_status
-    )
-
-
-_VALUES = ("_consul", "consul_status", "own_status", "check_results", "answer")
-"""The per-request values the body comes from, and the watcher they read."""
-_LIBRARY_CLASS = vars(ConsulStatusHandler)
-_LIBRARY_VALUES = tuple(_LIBRARY_CLASS[name] for name in _VALUES)
-
-
-def _values_kept(cls: type[ConsulStatusHandler], values: dict[str, Any]) -> bool:
-    """Whether the per-request values are still the library's, on its class
-    and on ``cls`` (a test's patch may change one after the class is made),
-    and none of them is among ``values`` yet (a mixin's ``prepare`` may have
-    read one: the body then says what it said).
-
-    Unrolled: it runs on every request, where a loop cost about as much as
-    reading the values through their descriptors.
-    """
-    watcher, consul_status, own_status, check_results, answer = _LIBRARY_VALUES
-    library = _LIBRARY_CLASS
-    if not (
-        library["_consul"] is watcher
-        and library["consul_status"] is consul_status
-        and library["own_status"] is own_status
-        and library["check_results"] is check_results
-        and library["answer"] is answer
-    ) or (
-        "consul_status" in values
-        or "own_status" in values
-        or "check_results" in values
-        or "answer" in values
-    ):
-        return False
-    if cls is ConsulStatusHandler:
-        return True
-    own = vars(cls)
-    return not (
-        "_consul" in own
-        or "consul_status" in own
-        or "own_status" in own
-        or "check_results" in own
-        or "answer" in own
     )
 
 

@@ -280,23 +280,6 @@ class Decorated(Told):
     pass
 
 
-class ReadsAnswerFirst(ssc.ConsulStatusHandler):
-    """Reads the answer in ``prepare``; the application's status then changes."""
-
-    def prepare(self) -> Any:
-        self.set_header("X-Seen", self.answer.status)
-        self.application.status = self.get_query_argument("then")  # type: ignore[attr-defined]
-        return super().prepare()
-
-
-class SaysMaintenance(ssc.ConsulStatusHandler):
-    """Overrides a per-request value, the application's own status."""
-
-    @property
-    def own_status(self) -> str:  # type: ignore[override]
-        return ssc.MAINTENANCE
-
-
 class EncodedOnceTests(testing.AsyncHTTPTestCase):
     """The JSON body is encoded once per answer, and is the hooks' body."""
 
@@ -316,8 +299,6 @@ class EncodedOnceTests(testing.AsyncHTTPTestCase):
                 (r"/mixed", ExtraAfter),
                 (r"/stamped", StampingAfter),
                 (r"/decorated", Decorated),
-                (r"/reads-first", ReadsAnswerFirst),
-                (r"/says-maintenance", SaysMaintenance),
                 (r"/other/.*", other),
                 (r"/third/.*", third),
             ]
@@ -423,21 +404,6 @@ class EncodedOnceTests(testing.AsyncHTTPTestCase):
                 assert response.code == 503
                 assert json.loads(response.body)["reason"] == "patched"
             assert self.fetch(f"/{cls.__name__}").code == 200
-
-    def test_a_value_read_before_the_body_is_what_the_body_says(self) -> None:
-        try:
-            response = self.fetch("/reads-first?then=maintenance")
-        finally:
-            self._app.status = ssc.OK  # type: ignore[attr-defined]
-        assert (response.code, response.headers["X-Seen"]) == (200, "ok")
-        assert json.loads(response.body)["status"] == "ok"
-
-    def test_a_subclass_value_is_read_for_the_body(self) -> None:
-        for _ in range(2):
-            response = self.fetch("/says-maintenance")
-            body = json.loads(response.body)
-            assert response.code == 503, body
-            assert (body["status"], body["source"]) == ("maintenance", "application")
 
     def test_a_mixin_get_reached_through_super_is_still_called(self) -> None:
         for _ in range(2):
