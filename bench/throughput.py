@@ -46,16 +46,8 @@ from bench.common import (
     vm_rss_kb,
 )
 
-KINDS = (
-    "plain",
-    "plain-again",
-    "plain-import",
-    "seed",
-    "poll",
-    "watch",
-    "checks",
-    "slow-check",
-)
+KINDS = tuple(LABELS)
+"""Every kind of :data:`bench.common.KINDS`, in its order."""
 TARGET_RATIO = 0.97
 LATENCY_TOLERANCE = 1.1
 """The p99 latency with a check always running may exceed that without by

@@ -43,16 +43,21 @@ class ExtraAfter(ssc.ConsulStatusHandler, Extra):
 SAID = ConsulStatus(ssc.MAINTENANCE, st.CONNECTED, "patched", "node")
 
 
+def _application(routes: list[tuple[str, type[web.RequestHandler]]]) -> web.Application:
+    """An application whose watcher never hears from Consul (and waits not)."""
+    app = web.Application(routes)
+    _WATCHERS[app] = ConsulWatcher(
+        Settings(startup_wait=0.0),
+        client=ScriptedConsul(),  # type: ignore[arg-type]
+    )
+    return app
+
+
 class PatchedAfterTheClassIsMade(testing.AsyncHTTPTestCase):
     def get_app(self) -> web.Application:
-        app = web.Application(
+        return _application(
             [(r"/leaf", Leaf), (r"/mixed", Mixed), (r"/after", ExtraAfter)]
         )
-        _WATCHERS[app] = ConsulWatcher(
-            Settings(startup_wait=0.0),
-            client=ScriptedConsul(),  # type: ignore[arg-type]
-        )
-        return app
 
     def test_patch_on_intermediate_class(self) -> None:
         assert self.fetch("/leaf").code == 200
@@ -97,12 +102,7 @@ class InheritsMaintenance(SaysMaintenance):
 
 class Inherited(testing.AsyncHTTPTestCase):
     def get_app(self) -> web.Application:
-        app = web.Application([(r"/i", InheritsMaintenance)])
-        _WATCHERS[app] = ConsulWatcher(
-            Settings(startup_wait=0.0),
-            client=ScriptedConsul(),  # type: ignore[arg-type]
-        )
-        return app
+        return _application([(r"/i", InheritsMaintenance)])
 
     def test_value_defined_on_an_intermediate_class(self) -> None:
         assert self.fetch("/i").code == 503
