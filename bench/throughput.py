@@ -221,27 +221,7 @@ async def _round(
         others = [kind for kind in KINDS if kind != "plain"]
         shift = round_ % len(others)
         for kind in others[shift:] + others[:shift]:
-            pair = (backends["plain"], backends[kind])
-            cpu = [cpu_ns(b.pid) for b in pair]
-            runs = await asyncio.gather(
-                *(load.run([b.port], plan.round_seconds) for b in pair)
-            )
-            per_request = []
-            for backend, result, before in zip(pair, runs, cpu, strict=True):
-                entry = results[backend.kind]
-                entry.rates.append(result.rate)
-                per_request.append(
-                    (cpu_ns(backend.pid) - before) / 1000 / max(result.requests, 1)
-                )
-                entry.cpu_us.append(per_request[-1])
-                entry.non_200 += result.non_200
-                entry.errors += result.errors
-                if result.p99_ms is not None:
-                    entry.p99_ms.append(result.p99_ms)
-            paired = side_by_side(runs[0], runs[1], per_request[0], per_request[1])
-            if paired is not None:
-                results[kind].ratios.append(paired[0])
-                results[kind].cpu_ratios.append(paired[1])
+            runs = await _pair(plan, bench, backends["plain"], backends[kind], results)
             progress(
                 f"throughput round {round_ + 1} {kind}: {runs[1].rate:,.0f}/s "
                 f"beside plain {runs[0].rate:,.0f}/s"
@@ -250,6 +230,35 @@ async def _round(
             results[kind].rss_kb = vm_rss_kb(backend.pid)
     finally:
         await procs.stop(b.process for b in backends.values())
+
+
+async def _pair(
+    plan: Plan, bench: Bench, plain: Backend, other: Backend, results: dict[str, Row]
+) -> list[LoadResult]:
+    """Load ``plain`` and ``other`` at the same moment; add what each did,
+    and the round's ratios of ``other``, to ``results``."""
+    pair = (plain, other)
+    cpu = [cpu_ns(b.pid) for b in pair]
+    runs = await asyncio.gather(
+        *(bench.load.run([b.port], plan.round_seconds) for b in pair)
+    )
+    per_request = []
+    for backend, result, before in zip(pair, runs, cpu, strict=True):
+        entry = results[backend.kind]
+        entry.rates.append(result.rate)
+        per_request.append(
+            (cpu_ns(backend.pid) - before) / 1000 / max(result.requests, 1)
+        )
+        entry.cpu_us.append(per_request[-1])
+        entry.non_200 += result.non_200
+        entry.errors += result.errors
+        if result.p99_ms is not None:
+            entry.p99_ms.append(result.p99_ms)
+    paired = side_by_side(runs[0], runs[1], per_request[0], per_request[1])
+    if paired is not None:
+        results[other.kind].ratios.append(paired[0])
+        results[other.kind].cpu_ratios.append(paired[1])
+    return list(runs)
 
 
 def side_by_side(
