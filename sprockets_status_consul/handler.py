@@ -14,7 +14,8 @@ import http.client
 import importlib.metadata
 import json
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+import operator
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, ClassVar, Generic, TypeVar, overload
 
 from tornado import escape, httputil, web
@@ -136,7 +137,13 @@ class _per_request(Generic[_T]):
         if name in cache:
             return cache[name]
         value = cache[name] = self.func(instance)
+        cache[_READ_THROUGH] = True
         return value
+
+
+_READ_THROUGH = "_read_through_values"
+"""The instance attribute :class:`_per_request` sets once it has computed a
+value: the handler then composes its answer through its values."""
 
 
 @functools.lru_cache(maxsize=16)
@@ -325,7 +332,12 @@ class ConsulStatusHandler(StatusHandler):
     from (:meth:`_status_response`, :meth:`_status_response_code`,
     :meth:`_application_status` and ``write``, and no ``get`` reached
     through ``super()``); one that overrides any of them, when it is made or
-    later (a class decorator, a patch), is asked on every request.
+    later (a class decorator, a patch), is asked on every request. A class
+    that also keeps the per-request values (:attr:`consul_status`,
+    :attr:`own_status`, :attr:`check_results`, :attr:`answer`) does not
+    even compose the answer while its sources stay the same objects, unless
+    one of the values was read before :meth:`get` (then it is what the body
+    says).
 
     The watcher is asked for once per request. When there is none to ask,
     the answer is still a status body: a bad ``consul_status`` setting
@@ -342,25 +354,88 @@ class ConsulStatusHandler(StatusHandler):
     """Whether the class keeps the hooks the JSON body comes from, so that
     the body may be encoded once per answer (set for each subclass)."""
 
+    _reads_sources: ClassVar[bool] = True
+    """Whether the class also keeps the per-request values, so that a request
+    may read the answer from its sources (set for each subclass)."""
+
+    _read_through_values = False
+    """Whether a per-request value has been computed (see :class:`_per_request`)."""
+
+    _before: ClassVar[tuple[Mapping[str, Any], ...]] = ()
+    """The namespaces of the classes before this module's in the MRO: a
+    value given to one later would be read instead of this module's."""
+
+    _between: ClassVar[tuple[Mapping[str, Any], ...]] = ()
+    """The namespaces of the classes between :class:`ConsulStatusHandler` and
+    :class:`StatusHandler` in the MRO, which ``super()`` reaches."""
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         # A get after this class in the MRO is reached only through
         # super().get(), which a written body skips: it must be asked.
         mro = cls.__mro__
+        at = mro.index(ConsulStatusHandler)
         cls._renders_default_body = not (
-            _overrides(cls, _BODY_HOOKS)
-            or _overrides(cls, ("get",), mro[mro.index(ConsulStatusHandler) + 1 :])
+            _overrides(cls, _BODY_HOOKS) or _overrides(cls, ("get",), mro[at + 1 :])
+        )
+        cls._reads_sources = cls._renders_default_body and not _overrides(cls, _VALUES)
+        cls._before = tuple(vars(base) for base in mro[:at])
+        cls._between = tuple(
+            vars(base) for base in mro[at + 1 : mro.index(StatusHandler)]
         )
 
     def get(self, *args: Any, **kwargs: Any) -> Awaitable[None] | None:
-        kept = self._renders_default_body and _hooks_kept(type(self))
-        rendered = self._rendered() if kept else None
+        cls = type(self)
+        if cls._reads_sources and _as_made(cls) and not self._read_through_values:
+            rendered = self._answered()
+        elif cls._renders_default_body and _hooks_kept(cls):
+            rendered = self._rendered()
+        else:
+            rendered = None
         if rendered is None:
             return super().get(*args, **kwargs)
         self.set_status(rendered[0])
         self.set_header("Content-Type", _JSON_MEDIA_TYPE)
         self.write(rendered[1])
         return None
+
+    def _answered(self) -> tuple[int, bytes] | None:
+        """This request's status code and JSON body, read from the answer's
+        sources: for a class that keeps the library's hooks and values, and
+        a request that has read none of them yet.
+
+        The answer is a function of the watcher's snapshot, the checks'
+        results, ``application.status`` and the name and version settings.
+        While each is the very object the last request of this class read
+        (the watcher and the checks publish new ones when anything changes),
+        the body is the same, and nothing is composed. The values
+        (:attr:`consul_status`, :attr:`check_results`, :attr:`own_status`)
+        are what was read, as if read through them.
+        """
+        watcher = self._consul
+        if isinstance(watcher, ConsulStatus) or self.request.headers.get_list("Accept"):
+            return self._rendered()
+        application = self.application
+        settings = application.settings
+        read = (
+            watcher.status(),
+            checks_module.results(application),
+            getattr(application, "status", OK),
+            settings.get("service"),
+            settings.get("version"),
+            _application_name,
+        )
+        self.consul_status, self.check_results = read[0], read[1]
+        self.own_status = str(read[2])
+        last = _LAST.get(type(self))
+        if last is not None and all(map(operator.is_, last[0], read)):
+            return last[1]
+        rendered = self._rendered()
+        if rendered is not None:
+            if len(_LAST) >= _MAX_RENDERED:
+                _LAST.clear()
+            _LAST[type(self)] = (read, rendered)
+        return rendered
 
     def _rendered(self) -> tuple[int, bytes] | None:
         """This request's status code and JSON body, encoded once per answer.
@@ -391,7 +466,7 @@ class ConsulStatusHandler(StatusHandler):
         return rendered
 
     def prepare(self) -> Awaitable[None] | None:
-        watcher = self._consul
+        self._consul = watcher = _watcher(self.application)
         if isinstance(watcher, ConsulStatus) or watcher.ready:
             return None
         # A future rather than a coroutine: left unawaited, it does no harm.
@@ -407,20 +482,9 @@ class ConsulStatusHandler(StatusHandler):
 
     @_per_request
     def _consul(self) -> ConsulWatcher | ConsulStatus:
-        """The application's watcher, or what to report when there is none."""
-        try:
-            return current(self.application)
-        except SettingsError as error:
-            if _first_time(f"settings: {error}"):
-                LOGGER.error("cannot follow Consul: %s", error)
-            return ConsulStatus(UNKNOWN, UNAVAILABLE, BAD_SETTING, "settings")
-        except Exception as error:
-            kind = type(error)
-            if _first_time(f"{kind.__module__}.{kind.__qualname__}"):
-                LOGGER.exception("cannot follow Consul: unexpected error")
-            return ConsulStatus(
-                OK, UNAVAILABLE, f"unexpected error: {kind.__name__}", None
-            )
+        """The application's watcher, or what to report when there is none
+        (set by :meth:`prepare`)."""
+        return _watcher(self.application)
 
     @_per_request
     def consul_status(self) -> ConsulStatus:
@@ -500,6 +564,10 @@ _BODY_HOOKS = (
     "_application_status",
     "write",
 )
+_VALUES = ("_consul", "consul_status", "own_status", "check_results", "answer")
+"""The per-request values of :class:`ConsulStatusHandler`."""
+_SUPER_HOOKS = frozenset({"_status_response", "_application_status", "get"})
+"""What :class:`ConsulStatusHandler` reaches through ``super()``."""
 _DEFAULT_BODY_CLASSES = frozenset(
     {ConsulStatusHandler, StatusHandler, web.RequestHandler, object}
 )
@@ -518,35 +586,60 @@ def _overrides(
     )
 
 
-_LIBRARY_HOOKS = (
-    ConsulStatusHandler._status_response,
-    ConsulStatusHandler._status_response_code,
-    ConsulStatusHandler._application_status,
-    ConsulStatusHandler.write,
-    StatusHandler._status_response,
-    StatusHandler._application_status,
-)
+_hooks_of = operator.attrgetter(*_BODY_HOOKS)
+_reached_through_super = operator.attrgetter("_status_response", "_application_status")
+_values_of = operator.itemgetter(*_VALUES)
+_LIBRARY_HOOKS = _hooks_of(ConsulStatusHandler)
+_LIBRARY_SUPER_HOOKS = _reached_through_super(StatusHandler)
+_LIBRARY_VALUES = _values_of(vars(ConsulStatusHandler))
+_HANDLER_NAMESPACE = vars(ConsulStatusHandler)
+_VALUE_NAMES = frozenset(_VALUES)
 
 
 def _hooks_kept(cls: type[ConsulStatusHandler]) -> bool:
     """Whether ``cls`` has the body's hooks of this library still, those
     ``super()`` reaches included: a class decorator, or a test's patch, may
     change one after the class is made (and the body is then not kept)."""
-    response, code, status, write, base_response, base_status = _LIBRARY_HOOKS
     return (
-        cls._status_response is response
-        and cls._status_response_code is code
-        and cls._application_status is status
-        and cls.write is write
-        and StatusHandler._status_response is base_response
-        and StatusHandler._application_status is base_status
+        _hooks_of(cls) == _LIBRARY_HOOKS
+        and _reached_through_super(StatusHandler) == _LIBRARY_SUPER_HOOKS
+        and all(map(_SUPER_HOOKS.isdisjoint, cls._between))
     )
 
+
+def _as_made(cls: type[ConsulStatusHandler]) -> bool:
+    """Whether ``cls`` has this library's hooks and per-request values still,
+    so that the answer may be read from its sources (see :func:`_hooks_kept`)."""
+    return (
+        _hooks_kept(cls)
+        and _values_of(_HANDLER_NAMESPACE) == _LIBRARY_VALUES
+        and all(map(_VALUE_NAMES.isdisjoint, cls._before))
+    )
+
+
+_LAST: dict[type, tuple[tuple[object, ...], tuple[int, bytes]]] = {}
+"""What the last request of each class read (see
+:meth:`ConsulStatusHandler._answered`) and answered; cleared when full."""
 
 _MAX_RENDERED = 64
 _RENDERED: dict[tuple[str | None, ...], tuple[int, bytes]] = {}
 """The status code and encoded body of the latest answers (name, version,
 status, source, reason, ``consul``); cleared when full, as reasons can vary."""
+
+
+def _watcher(application: web.Application) -> ConsulWatcher | ConsulStatus:
+    """``application``'s watcher, or what to report when there is none."""
+    try:
+        return current(application)
+    except SettingsError as error:
+        if _first_time(f"settings: {error}"):
+            LOGGER.error("cannot follow Consul: %s", error)
+        return ConsulStatus(UNKNOWN, UNAVAILABLE, BAD_SETTING, "settings")
+    except Exception as error:
+        kind = type(error)
+        if _first_time(f"{kind.__module__}.{kind.__qualname__}"):
+            LOGGER.exception("cannot follow Consul: unexpected error")
+        return ConsulStatus(OK, UNAVAILABLE, f"unexpected error: {kind.__name__}", None)
 
 
 def _wants_health(request: httputil.HTTPServerRequest) -> bool:
