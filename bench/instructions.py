@@ -1,0 +1,154 @@
+"""What one ``/status`` request executes, in CPU instructions (callgrind).
+
+``python -m bench.instructions`` serves requests as :mod:`bench.handler_cost`
+does (in-process, one application per kind), each kind in a process of its
+own under valgrind's callgrind, twice: after the same warm-up, once with no
+more requests and once with ``--requests`` more. The difference over the
+requests is what one request executes. The count does not depend on what
+else the machine does, so a difference of 1 % shows where req/s under wrk, on
+a shared virtual machine, cannot tell it from noise; it does not count what
+the instructions cost (cache misses, say), which req/s does.
+
+The library's kinds follow a real Consul dev agent, as in production: the
+watcher runs on the loop and requests read its snapshot. What runs in the
+background and does not grow with requests is kept out of the count: the
+watcher's query waits 600 s, and the checks of ``checks`` run every 600 s.
+Needs ``valgrind``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+from tornado import httputil, web
+
+from bench.common import consul_binary, start_agent, table
+
+KINDS = {
+    "plain": "plain Tornado handler (the limit)",
+    "defaults": "ConsulStatusHandler, defaults",
+    "checks": "ConsulStatusHandler, 3 checks",
+    "own-body": "subclass overriding `_status_response`",
+    "health": "ConsulStatusHandler, health+json asked",
+}
+WARM_UP = 300
+BACKGROUND_SECONDS = 600.0
+"""The watcher's TTL and the checks' interval: nothing runs in the background
+while the requests are counted."""
+
+
+async def serve(kind: str, consul: str, requests: int) -> None:
+    """In the child: warm up, then serve ``requests`` more requests."""
+    import sprockets_status_consul as ssc
+    from bench.backends import APPLICATION, _no_log, _passes
+    from bench.handler_cost import KINDS as HANDLERS
+    from bench.handler_cost import _Connection, _serve
+
+    _, handler, extra = HANDLERS[kind]
+    ssc.set_application(APPLICATION)
+    app = web.Application(
+        [(r"/status", handler)],
+        log_function=_no_log,
+        consul_status={"address": consul, "ttl": BACKGROUND_SECONDS},
+    )
+    if kind == "checks":
+        for name in ("database", "cache", "queue"):
+            ssc.add_check(app, name, _passes, interval=BACKGROUND_SECONDS)
+    if kind != "plain" and not await ssc.watch(app).wait_ready(60.0):
+        raise RuntimeError(f"no answer from Consul at {consul}")
+    connection = _Connection()
+    headers = httputil.HTTPHeaders({"Host": "127.0.0.1", **extra})
+    for _ in range(WARM_UP + requests):
+        await _serve(app, connection, headers)
+    if kind != "plain":
+        await ssc.stop(app)
+
+
+def count(kind: str, consul: str, requests: int) -> int:
+    """The instructions a child serving ``requests`` after the warm-up executes."""
+    process = subprocess.run(
+        [
+            "valgrind",
+            "--tool=callgrind",
+            "--callgrind-out-file=/dev/null",
+            sys.executable,
+            "-m",
+            "bench.instructions",
+            "--child",
+            kind,
+            "--consul",
+            consul,
+            "--requests",
+            str(requests),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    match = re.search(r"Collected : (\d+)", process.stderr)
+    if process.returncode != 0 or match is None:
+        raise RuntimeError(f"{kind} under callgrind failed:\n{process.stderr[-2000:]}")
+    return int(match.group(1))
+
+
+def measure(requests: int) -> dict[str, float]:
+    """Instructions per request of each kind, two children at a time."""
+    agent = start_agent(consul_binary(), "127.0.0.1")
+    try:
+        per_request = {}
+        for kind in KINDS:
+            with ThreadPoolExecutor(2) as pool:  # side by side
+                with_none, with_requests = pool.map(
+                    functools.partial(count, kind, agent.http_addr), (0, requests)
+                )
+            per_request[kind] = (with_requests - with_none) / requests
+        return per_request
+    finally:
+        agent.stop()
+
+
+def render(per_request: dict[str, float], requests: int) -> list[str]:
+    plain = per_request["plain"]
+    return table(
+        [
+            f"handler ({requests:,} requests, callgrind)",
+            "instructions per request",
+            "more than plain",
+            "plain's / this",
+        ],
+        (
+            [
+                KINDS[kind],
+                f"{value:,.0f}",
+                f"{(value - plain) / plain:+.1%}",
+                f"{plain / value:.3f}",
+            ]
+            for kind, value in per_request.items()
+        ),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
+    parser.add_argument("--consul", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        asyncio.run(serve(args.child, args.consul, args.requests))
+        return 0
+    if shutil.which("valgrind") is None:
+        parser.error("valgrind is not installed (Debian: apt-get install valgrind)")
+    print("\n".join(render(measure(args.requests), args.requests)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
