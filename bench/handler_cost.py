@@ -8,18 +8,16 @@ thread's CPU time from handing it over to its end. Taking turns request by
 request, every kind meets the same moment of the machine, so the medians
 compare to a microsecond where req/s under wrk, on a shared VM, does not.
 
-The library's kinds answer as a connected watcher would
-(:func:`~sprockets_status_consul.testing.consul_says`), and every kind's
+The library's kinds follow a Consul dev agent, as in production: the
+watcher runs on the loop and a request reads its snapshot. Every kind's
 answer is checked to be the plain handler's, byte for byte: status code,
 headers but ``Date``, and body (bar the kinds that change it on purpose).
-No Consul is needed.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import statistics
 import sys
 import time
@@ -30,10 +28,10 @@ from tornado import httputil, web
 
 import sprockets_status_consul as ssc
 from bench.backends import APPLICATION, PlainStatusHandler, _no_log, _passes
-from sprockets_status_consul.testing import consul_says
+from bench.common import consul_binary, start_agent
 
 
-class _Connection(httputil.HTTPConnection):
+class Connection(httputil.HTTPConnection):
     """Keeps what the handler writes and says when it has finished."""
 
     def __init__(self) -> None:
@@ -95,11 +93,15 @@ KINDS: dict[str, tuple[str, type[web.RequestHandler], dict[str, str]]] = {
 }
 
 
+BACKGROUND_SECONDS = 600.0
+"""The watcher's TTL: its query waits this long, so no answer comes in while
+the requests are measured."""
+
 _START_LINE = httputil.RequestStartLine("GET", "/status", "HTTP/1.1")
 
 
-async def _serve(
-    app: web.Application, connection: _Connection, headers: httputil.HTTPHeaders
+async def serve(
+    app: web.Application, connection: Connection, headers: httputil.HTTPHeaders
 ) -> int:
     """Hand one ``GET /status`` to ``app``, as Tornado's HTTP server does; the
     thread's CPU time it took, in ns."""
@@ -112,37 +114,46 @@ async def _serve(
     return time.thread_time_ns() - started
 
 
-async def measure(rounds: int) -> dict[str, list[int]]:
+async def make_app(kind: str, consul: str, interval: float = 1.0) -> web.Application:
+    """The application of ``kind``, its watcher (but the plain handler's)
+    following the agent at ``consul`` and answered; checks every ``interval``."""
+    _, handler, _ = KINDS[kind]
+    app = web.Application(
+        [(r"/status", handler)],
+        log_function=_no_log,
+        consul_status={"address": consul, "ttl": BACKGROUND_SECONDS},
+    )
+    if kind == "checks":
+        for name in ("database", "cache", "queue"):
+            ssc.add_check(app, name, _passes, interval=interval)
+    if kind != "plain" and not await ssc.watch(app).wait_ready(60.0):
+        raise RuntimeError(f"no answer from Consul at {consul}")
+    return app
+
+
+async def measure(rounds: int, consul: str) -> dict[str, list[int]]:
     ssc.set_application(APPLICATION)
-    apps = {}
-    for kind, (_, handler, _) in KINDS.items():
-        app = web.Application([(r"/status", handler)], log_function=_no_log)
-        if kind == "checks":
-            for name in ("database", "cache", "queue"):
-                ssc.add_check(app, name, _passes, interval=1)
-        apps[kind] = app
+    apps = {kind: await make_app(kind, consul) for kind in KINDS}
     costs: dict[str, list[int]] = {kind: [] for kind in KINDS}
-    with contextlib.ExitStack() as said:
-        for kind, app in apps.items():
-            if kind != "plain":
-                said.enter_context(consul_says(app))
+    try:
         await _compare_and_measure(apps, rounds, costs)
-    for app in apps.values():
-        await ssc.stop(app)
+    finally:
+        for app in apps.values():
+            await ssc.stop(app)
     return costs
 
 
 async def _compare_and_measure(
     apps: dict[str, web.Application], rounds: int, costs: dict[str, list[int]]
 ) -> None:
-    connections = {kind: _Connection() for kind in KINDS}
+    connections = {kind: Connection() for kind in KINDS}
     headers = {
         kind: httputil.HTTPHeaders({"Host": "127.0.0.1", **h})
         for kind, (_, _, h) in KINDS.items()
     }
     for kind, app in apps.items():  # warm-up, and the answers compared
         for _ in range(200):
-            await _serve(app, connections[kind], headers[kind])
+            await serve(app, connections[kind], headers[kind])
     plain = connections["plain"].written
     for kind in ("defaults", "checks", "own-body"):
         if connections[kind].written != plain:
@@ -154,7 +165,7 @@ async def _compare_and_measure(
         shift = round_ % len(order)  # each kind follows each other in turn
         for kind in order[shift:] + order[:shift]:
             costs[kind].append(
-                await _serve(apps[kind], connections[kind], headers[kind])
+                await serve(apps[kind], connections[kind], headers[kind])
             )
 
 
@@ -162,7 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=20_000)
     args = parser.parse_args(argv)
-    costs = asyncio.run(measure(args.rounds))
+    agent = start_agent(consul_binary(), "127.0.0.1")
+    try:
+        costs = asyncio.run(measure(args.rounds, agent.http_addr))
+    finally:
+        agent.stop()
     plain = statistics.median(costs["plain"])
     print(
         f"| handler ({args.rounds:,} requests each, in turn) | CPU µs per request "

@@ -21,54 +21,36 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import os
 import re
 import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from tornado import httputil, web
+from tornado import httputil
 
+import sprockets_status_consul as ssc
+from bench import handler_cost
+from bench.backends import APPLICATION
 from bench.common import consul_binary, start_agent, table
 
-KINDS = {
-    "plain": "plain Tornado handler (the limit)",
-    "defaults": "ConsulStatusHandler, defaults",
-    "checks": "ConsulStatusHandler, 3 checks",
-    "own-body": "subclass overriding `_status_response`",
-    "health": "ConsulStatusHandler, health+json asked",
-}
+KINDS = {kind: label for kind, (label, _, _) in handler_cost.KINDS.items()}
 WARM_UP = 300
-BACKGROUND_SECONDS = 600.0
+BACKGROUND_SECONDS = handler_cost.BACKGROUND_SECONDS
 """The watcher's TTL and the checks' interval: nothing runs in the background
 while the requests are counted."""
 
 
-async def serve(kind: str, consul: str, requests: int) -> None:
+async def serve_counted(kind: str, consul: str, requests: int) -> None:
     """In the child: warm up, then serve ``requests`` more requests."""
-    import sprockets_status_consul as ssc
-    from bench.backends import APPLICATION, _no_log, _passes
-    from bench.handler_cost import KINDS as HANDLERS
-    from bench.handler_cost import _Connection, _serve
-
-    _, handler, extra = HANDLERS[kind]
     ssc.set_application(APPLICATION)
-    app = web.Application(
-        [(r"/status", handler)],
-        log_function=_no_log,
-        consul_status={"address": consul, "ttl": BACKGROUND_SECONDS},
-    )
-    if kind == "checks":
-        for name in ("database", "cache", "queue"):
-            ssc.add_check(app, name, _passes, interval=BACKGROUND_SECONDS)
-    if kind != "plain" and not await ssc.watch(app).wait_ready(60.0):
-        raise RuntimeError(f"no answer from Consul at {consul}")
-    connection = _Connection()
-    headers = httputil.HTTPHeaders({"Host": "127.0.0.1", **extra})
+    app = await handler_cost.make_app(kind, consul, interval=BACKGROUND_SECONDS)
+    connection = handler_cost.Connection()
+    headers = httputil.HTTPHeaders({"Host": "127.0.0.1", **handler_cost.KINDS[kind][2]})
     for _ in range(WARM_UP + requests):
-        await _serve(app, connection, headers)
-    if kind != "plain":
-        await ssc.stop(app)
+        await handler_cost.serve(app, connection, headers)
+    await ssc.stop(app)
 
 
 def count(kind: str, consul: str, requests: int) -> int:
@@ -91,6 +73,9 @@ def count(kind: str, consul: str, requests: int) -> int:
         capture_output=True,
         text=True,
         check=False,
+        # One hash seed for every child: a seed changes how many
+        # instructions a dict lookup takes, and so the difference.
+        env={**os.environ, "PYTHONHASHSEED": "0"},
     )
     match = re.search(r"Collected : (\d+)", process.stderr)
     if process.returncode != 0 or match is None:
@@ -142,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--consul", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        asyncio.run(serve(args.child, args.consul, args.requests))
+        asyncio.run(serve_counted(args.child, args.consul, args.requests))
         return 0
     if shutil.which("valgrind") is None:
         parser.error("valgrind is not installed (Debian: apt-get install valgrind)")
