@@ -66,9 +66,9 @@ def application_identity(application: web.Application) -> tuple[str, str]:
     and the installed distribution's version; else ``"unknown"``.
     """
     settings = application.settings
-    name = settings.get("service") or _application_name
+    name = str(settings.get("service") or _application_name or "unknown")
     version = settings.get("version") or _version(name)
-    return str(name or "unknown"), str(version)
+    return name, str(version)
 
 
 def log_request(handler: web.RequestHandler) -> None:
@@ -148,7 +148,7 @@ value: the handler then composes its answer through its values."""
 
 @functools.lru_cache(maxsize=16)
 def _version(name: str | None) -> str:
-    if not name:
+    if not name or name == "unknown":
         return "unknown"
     try:
         return importlib.metadata.version(name)
@@ -417,21 +417,25 @@ class ConsulStatusHandler(StatusHandler):
             return self._rendered()
         application = self.application
         settings = application.settings
+        own = self.own_status = str(getattr(application, "status", OK))
         read = (
             watcher.status(),
             checks_module.results(application),
-            getattr(application, "status", OK),
+            own,
             settings.get("service"),
             settings.get("version"),
             _application_name,
         )
         self.consul_status, self.check_results = read[0], read[1]
-        self.own_status = str(read[2])
         last = _LAST.get(type(self))
         if last is not None and all(map(operator.is_, last[0], read)):
             return last[1]
         rendered = self._rendered()
-        if rendered is not None:
+        # A str is the same while it is the same object; another value may
+        # change in place (str() of it is new each time, so it never matches).
+        if rendered is not None and all(
+            value is None or type(value) is str for value in read[2:]
+        ):
             if len(_LAST) >= _MAX_RENDERED:
                 _LAST.clear()
             _LAST[type(self)] = (read, rendered)

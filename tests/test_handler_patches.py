@@ -147,6 +147,16 @@ def application_name() -> Any:
     ssc.set_application(None)  # type: ignore[arg-type]
 
 
+class Said:
+    """A value whose text changes in place."""
+
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+    def __str__(self) -> str:
+        return self.value
+
+
 async def _fails() -> bool:
     return False
 
@@ -212,6 +222,25 @@ class ReadFromTheSources(testing.AsyncHTTPTestCase):
             "check",
             "db: returned False",
         )
+
+    def test_a_status_that_changes_in_place_is_read_again(self) -> None:
+        status = Said(ssc.OK)
+        self._app.status = status  # type: ignore[attr-defined]
+        try:
+            assert self.body()[0] == 200
+            status.value = ssc.MAINTENANCE
+            assert self.body()[0] == 503
+        finally:
+            self._app.status = ssc.OK  # type: ignore[attr-defined]
+
+    def test_a_name_that_changes_in_place_is_read_again(self) -> None:
+        service = self._app.settings["service"] = Said("first")
+        try:
+            assert self.body()[1]["application"] == "first"
+            service.value = "second"
+            assert self.body()[1]["application"] == "second"
+        finally:
+            del self._app.settings["service"]
 
     def test_a_value_read_before_the_body_is_what_the_body_says(self) -> None:
         self.body()
