@@ -84,6 +84,11 @@ KINDS: dict[str, tuple[str, type[web.RequestHandler], dict[str, str]]] = {
     "plain": ("plain Tornado handler (the limit)", PlainStatusHandler, {}),
     "defaults": ("ConsulStatusHandler, defaults", ssc.ConsulStatusHandler, {}),
     "checks": ("ConsulStatusHandler, 3 checks", ssc.ConsulStatusHandler, {}),
+    "probe": (
+        "ConsulStatusHandler, defaults, `Accept: */*` (as probes send)",
+        ssc.ConsulStatusHandler,
+        {"Accept": "*/*"},
+    ),
     "own-body": ("subclass overriding `_status_response`", _OwnBody, {}),
     "health": (
         "ConsulStatusHandler, health+json asked",
@@ -155,7 +160,7 @@ async def _compare_and_measure(
         for _ in range(200):
             await serve(app, connections[kind], headers[kind])
     plain = connections["plain"].written
-    for kind in ("defaults", "checks", "own-body"):
+    for kind in ("defaults", "checks", "probe", "own-body"):
         if connections[kind].written != plain:
             raise RuntimeError(
                 f"{kind} answers {connections[kind].written!r}, plain {plain!r}"

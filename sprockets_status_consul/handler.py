@@ -9,6 +9,7 @@ so a request never waits on Consul once its first answer is in.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import http.client
 import importlib.metadata
@@ -16,7 +17,7 @@ import json
 import logging
 import operator
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any, ClassVar, Generic, TypeVar, overload
+from typing import Any, Generic, NamedTuple, TypeVar, overload
 
 from tornado import escape, httputil, web
 from tornado.log import access_log
@@ -106,20 +107,23 @@ class _per_request(Generic[_T]):
 
     :func:`functools.cached_property` without its lock, which before Python
     3.12 cost a request about 2 µs for the five values of
-    :class:`ConsulStatusHandler`. The value is stored in the instance, so
-    later reads find it there, ``super()`` reads from a subclass's override
-    included.
+    :class:`ConsulStatusHandler`. The value is kept in an attribute of its
+    own (``_value_NAME``), so later reads find it, ``super()``'s from a
+    subclass's override included; assigning the value sets it. Computing or
+    assigning one (but ``_consul``, the watcher) marks the handler
+    (``_read_through_values``): it then answers through its values.
     """
 
     def __init__(self, func: Callable[[Any], _T]) -> None:
         self.func = func
         self.name: str | None = None
+        self.slot = ""
         self.__doc__ = func.__doc__
 
     def __set_name__(self, owner: type, name: str) -> None:
         if self.name is not None and self.name != name:
             raise TypeError(f"one _per_request cannot be both {self.name} and {name}")
-        self.name = name
+        self.name, self.slot = name, f"_value_{name}"
 
     @overload
     def __get__(
@@ -130,20 +134,25 @@ class _per_request(Generic[_T]):
     def __get__(self, instance: object, owner: type | None = None) -> Any:
         if instance is None:
             return self
-        name = self.name
-        if name is None:
+        if not self.slot:
             raise TypeError("a _per_request value must be set in a class body")
-        cache = instance.__dict__
-        if name in cache:
-            return cache[name]
-        value = cache[name] = self.func(instance)
-        cache[_READ_THROUGH] = True
+        value = getattr(instance, self.slot, _UNSET)
+        if value is _UNSET:
+            value = self.func(instance)
+            self.__set__(instance, value)
         return value
 
+    def __set__(self, instance: object, value: _T) -> None:
+        setattr(instance, self.slot, value)
+        if self.name != "_consul":
+            setattr(instance, "_read_through_values", True)  # noqa: B010
 
-_READ_THROUGH = "_read_through_values"
-"""The instance attribute :class:`_per_request` sets once it has computed a
-value: the handler then composes its answer through its values."""
+    def __delete__(self, instance: object) -> None:
+        with contextlib.suppress(AttributeError):
+            delattr(instance, self.slot)
+
+
+_UNSET: Any = object()
 
 
 @functools.lru_cache(maxsize=16)
@@ -350,45 +359,27 @@ class ConsulStatusHandler(StatusHandler):
     failure is logged once, an unexpected one with its traceback.
     """
 
-    _renders_default_body: ClassVar[bool] = True
-    """Whether the class keeps the hooks the JSON body comes from, so that
-    the body may be encoded once per answer (set for each subclass)."""
-
-    _reads_sources: ClassVar[bool] = True
-    """Whether the class also keeps the per-request values, so that a request
-    may read the answer from its sources (set for each subclass)."""
-
     _read_through_values = False
-    """Whether a per-request value has been computed (see :class:`_per_request`)."""
+    """Whether a per-request value has been computed or assigned (see
+    :class:`_per_request`)."""
 
-    _before: ClassVar[tuple[Mapping[str, Any], ...]] = ()
-    """The namespaces of the classes before this module's in the MRO: a
-    value given to one later would be read instead of this module's."""
-
-    _between: ClassVar[tuple[Mapping[str, Any], ...]] = ()
-    """The namespaces of the classes between :class:`ConsulStatusHandler` and
-    :class:`StatusHandler` in the MRO, which ``super()`` reaches."""
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        # A get after this class in the MRO is reached only through
-        # super().get(), which a written body skips: it must be asked.
-        mro = cls.__mro__
-        at = mro.index(ConsulStatusHandler)
-        cls._renders_default_body = not (
-            _overrides(cls, _BODY_HOOKS) or _overrides(cls, ("get",), mro[at + 1 :])
-        )
-        cls._reads_sources = cls._renders_default_body and not _overrides(cls, _VALUES)
-        cls._before = tuple(vars(base) for base in mro[:at])
-        cls._between = tuple(
-            vars(base) for base in mro[at + 1 : mro.index(StatusHandler)]
-        )
+    _value__consul: ConsulWatcher | ConsulStatus
+    _value_consul_status: ConsulStatus
+    _value_own_status: str
+    _value_check_results: tuple[st.CheckResult, ...]
 
     def get(self, *args: Any, **kwargs: Any) -> Awaitable[None] | None:
         cls = type(self)
-        if cls._reads_sources and _as_made(cls) and not self._read_through_values:
+        shape = vars(cls).get(_SHAPE)
+        if shape is None or shape.mro is not cls.__mro__:
+            shape = _Shape.of(cls)
+        if (
+            shape.reads_sources
+            and _as_made(cls, shape)
+            and not self._read_through_values
+        ):
             rendered = self._answered()
-        elif cls._renders_default_body and _hooks_kept(cls):
+        elif shape.renders_default_body and _hooks_kept(cls, shape):
             rendered = self._rendered()
         else:
             rendered = None
@@ -402,22 +393,24 @@ class ConsulStatusHandler(StatusHandler):
     def _answered(self) -> tuple[int, bytes] | None:
         """This request's status code and JSON body, read from the answer's
         sources: for a class that keeps the library's hooks and values, and
-        a request that has read none of them yet.
+        a request that has neither computed nor assigned one of them.
 
         The answer is a function of the watcher's snapshot, the checks'
         results, ``application.status`` and the name and version settings.
-        While each is the very object the last request of this class read
-        (the watcher and the checks publish new ones when anything changes),
-        the body is the same, and nothing is composed. The values
-        (:attr:`consul_status`, :attr:`check_results`, :attr:`own_status`)
-        are what was read, as if read through them.
+        While each is the very object the last request answered this way
+        read, and a str (or ``None``), the body is the same and nothing is
+        composed. The values (:attr:`consul_status`, :attr:`check_results`,
+        :attr:`own_status`) are then what was read. A request whose
+        ``Accept`` prefers health+json is :meth:`_rendered`'s.
         """
+        global _LAST
         watcher = self._consul
-        if isinstance(watcher, ConsulStatus) or self.request.headers.get_list("Accept"):
+        accept = self.request.headers.get_list("Accept")
+        if isinstance(watcher, ConsulStatus) or (accept and _prefers_health(accept)):
             return self._rendered()
         application = self.application
         settings = application.settings
-        own = self.own_status = str(getattr(application, "status", OK))
+        own = self._value_own_status = str(getattr(application, "status", OK))
         read = (
             watcher.status(),
             checks_module.results(application),
@@ -426,8 +419,8 @@ class ConsulStatusHandler(StatusHandler):
             settings.get("version"),
             _application_name,
         )
-        self.consul_status, self.check_results = read[0], read[1]
-        last = _LAST.get(type(self))
+        self._value_consul_status, self._value_check_results = read[0], read[1]
+        last = _LAST
         if last is not None and all(map(operator.is_, last[0], read)):
             return last[1]
         rendered = self._rendered()
@@ -436,9 +429,7 @@ class ConsulStatusHandler(StatusHandler):
         if rendered is not None and all(
             value is None or type(value) is str for value in read[2:]
         ):
-            if len(_LAST) >= _MAX_RENDERED:
-                _LAST.clear()
-            _LAST[type(self)] = (read, rendered)
+            _LAST = (read, rendered)
         return rendered
 
     def _rendered(self) -> tuple[int, bytes] | None:
@@ -470,7 +461,10 @@ class ConsulStatusHandler(StatusHandler):
         return rendered
 
     def prepare(self) -> Awaitable[None] | None:
-        self._consul = watcher = _watcher(self.application)
+        if type(self)._consul is _LIBRARY_CONSUL:  # kept, the handler unmarked
+            self._value__consul = watcher = _watcher(self.application)
+        else:
+            watcher = self._consul
         if isinstance(watcher, ConsulStatus) or watcher.ready:
             return None
         # A future rather than a coroutine: left unawaited, it does no harm.
@@ -481,13 +475,14 @@ class ConsulStatusHandler(StatusHandler):
         answer, then forget the values read before it came (a mixin may read
         them before ``super().prepare()``)."""
         await watcher.wait_ready(watcher.settings.startup_wait)
+        kept = vars(self)
         for name in ("consul_status", "check_results", "answer"):
-            self.__dict__.pop(name, None)
+            kept.pop(f"_value_{name}", None)
 
     @_per_request
     def _consul(self) -> ConsulWatcher | ConsulStatus:
         """The application's watcher, or what to report when there is none
-        (set by :meth:`prepare`)."""
+        (kept by :meth:`prepare`)."""
         return _watcher(self.application)
 
     @_per_request
@@ -595,35 +590,103 @@ _reached_through_super = operator.attrgetter("_status_response", "_application_s
 _values_of = operator.itemgetter(*_VALUES)
 _LIBRARY_HOOKS = _hooks_of(ConsulStatusHandler)
 _LIBRARY_SUPER_HOOKS = _reached_through_super(StatusHandler)
-_LIBRARY_VALUES = _values_of(vars(ConsulStatusHandler))
 _HANDLER_NAMESPACE = vars(ConsulStatusHandler)
+_LIBRARY_VALUES = _values_of(_HANDLER_NAMESPACE)
+_LIBRARY_CONSUL = _HANDLER_NAMESPACE["_consul"]
 _VALUE_NAMES = frozenset(_VALUES)
+_IDENTITY = application_identity
+_ANSWER = st.answer
+_GETATTRIBUTE = object.__getattribute__
+
+_SHAPE = "_status_handler_shape"
+"""The attribute of a handler class that keeps its :class:`_Shape`."""
 
 
-def _hooks_kept(cls: type[ConsulStatusHandler]) -> bool:
+class _Shape(NamedTuple):
+    """What a handler class's MRO makes of the body's hooks and values,
+    kept in the class for the MRO it was found in (``__bases__`` may be
+    assigned, and a base's ``__init_subclass__`` may not call ``super()``)."""
+
+    mro: tuple[type, ...]
+    renders_default_body: bool
+    """It keeps the hooks the JSON body comes from (at its making), so the
+    body may be encoded once per answer."""
+    reads_sources: bool
+    """It keeps the per-request values too, so the answer may be read from
+    its sources."""
+    before: tuple[Mapping[str, Any], ...]
+    """The namespaces of the classes before :class:`ConsulStatusHandler`:
+    a value given to one later would be read instead of the library's."""
+    between: tuple[Mapping[str, Any], ...]
+    """The namespaces of the classes between :class:`ConsulStatusHandler`
+    and :class:`StatusHandler`, which ``super()`` reaches."""
+
+    @classmethod
+    def of(cls, handler: type[ConsulStatusHandler]) -> _Shape:
+        mro = handler.__mro__
+        at = mro.index(ConsulStatusHandler)
+        # A get after the handler in the MRO is reached only through
+        # super().get(), which a written body skips: it must be asked.
+        renders = not (
+            _overrides(handler, _BODY_HOOKS)
+            or _overrides(handler, ("get",), mro[at + 1 :])
+        )
+        shape = cls(
+            mro,
+            renders,
+            renders and not _overrides(handler, _VALUES),
+            tuple(vars(base) for base in mro[:at]),
+            tuple(vars(base) for base in mro[at + 1 : mro.index(StatusHandler)]),
+        )
+        setattr(handler, _SHAPE, shape)
+        return shape
+
+
+def _hooks_kept(cls: type[ConsulStatusHandler], shape: _Shape) -> bool:
     """Whether ``cls`` has the body's hooks of this library still, those
     ``super()`` reaches included: a class decorator, or a test's patch, may
     change one after the class is made (and the body is then not kept)."""
     return (
         _hooks_of(cls) == _LIBRARY_HOOKS
         and _reached_through_super(StatusHandler) == _LIBRARY_SUPER_HOOKS
-        and all(map(_SUPER_HOOKS.isdisjoint, cls._between))
+        and all(map(_SUPER_HOOKS.isdisjoint, shape.between))
     )
 
 
-def _as_made(cls: type[ConsulStatusHandler]) -> bool:
+def _as_made(cls: type[ConsulStatusHandler], shape: _Shape) -> bool:
     """Whether ``cls`` has this library's hooks and per-request values still,
-    so that the answer may be read from its sources (see :func:`_hooks_kept`)."""
+    and what they call (:func:`application_identity`, :func:`.status.answer`,
+    attribute lookup), so that the answer may be read from its sources."""
     return (
-        _hooks_kept(cls)
+        _hooks_kept(cls, shape)
         and _values_of(_HANDLER_NAMESPACE) == _LIBRARY_VALUES
-        and all(map(_VALUE_NAMES.isdisjoint, cls._before))
+        and all(map(_VALUE_NAMES.isdisjoint, shape.before))
+        and application_identity is _IDENTITY
+        and st.answer is _ANSWER
+        and cls.__getattribute__ is _GETATTRIBUTE
     )
 
 
-_LAST: dict[type, tuple[tuple[object, ...], tuple[int, bytes]]] = {}
-"""What the last request of each class read (see
-:meth:`ConsulStatusHandler._answered`) and answered; cleared when full."""
+_LAST: tuple[tuple[object, ...], tuple[int, bytes]] | None = None
+"""What the last request answered from the sources read (see
+:meth:`ConsulStatusHandler._answered`), and the status code and body."""
+
+_MAX_WANTED = 64
+_WANTED: dict[str, bool] = {}
+"""Whether an ``Accept`` header prefers health+json, for the latest headers
+seen; cleared when full."""
+
+
+def _prefers_health(accept: list[str]) -> bool:
+    """:func:`.health.wanted` of the ``Accept`` header's values, kept."""
+    header = ",".join(accept)
+    wanted = _WANTED.get(header)
+    if wanted is None:
+        if len(_WANTED) >= _MAX_WANTED:
+            _WANTED.clear()
+        wanted = _WANTED[header] = health.wanted(header)
+    return wanted
+
 
 _MAX_RENDERED = 64
 _RENDERED: dict[tuple[str | None, ...], tuple[int, bytes]] = {}

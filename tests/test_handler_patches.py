@@ -223,6 +223,34 @@ class ReadFromTheSources(testing.AsyncHTTPTestCase):
             "db: returned False",
         )
 
+    def test_each_of_name_version_and_application_name_alone(self) -> None:
+        assert self.body()[1]["application"] == "tornado"
+        self._app.settings["service"] = "renamed"
+        assert self.body()[1]["application"] == "renamed"
+        self._app.settings["version"] = "9.9"
+        assert self.body()[1]["version"] == "9.9"
+        del self._app.settings["service"]
+        assert self.body()[1]["application"] == "tornado"
+        ssc.set_application("other-name")
+        assert self.body()[1]["application"] == "other-name"
+
+    def test_an_accept_header_that_does_not_ask_health_json(self) -> None:
+        plain = self.fetch("/status")
+        with mock.patch.object(
+            ssc.ConsulStatusHandler,
+            "_rendered",
+            autospec=True,
+            side_effect=ssc.ConsulStatusHandler._rendered,
+        ) as rendered:
+            for accept in ("*/*", "text/plain, text/*, */*", "application/json"):
+                answer = self.fetch("/status", headers={"Accept": accept})
+                assert (answer.code, answer.body) == (plain.code, plain.body)
+            health = self.fetch(
+                "/status", headers={"Accept": "application/health+json"}
+            )
+        assert health.headers["Content-Type"] == "application/health+json"
+        assert rendered.call_count == 1  # health+json only: the rest were kept
+
     def test_a_status_that_changes_in_place_is_read_again(self) -> None:
         status = Said(ssc.OK)
         self._app.status = status  # type: ignore[attr-defined]
