@@ -120,9 +120,18 @@ def render(per_request: dict[str, float], requests: int) -> list[str]:
     )
 
 
+def _positive(text: str) -> int:
+    number = int(text)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=2000)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.instructions", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--requests", type=_positive, default=2000)
     parser.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
     parser.add_argument("--consul", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
