@@ -344,9 +344,10 @@ class ConsulStatusHandler(StatusHandler):
     later (a class decorator, a patch), is asked on every request. A class
     that also keeps the per-request values (:attr:`consul_status`,
     :attr:`own_status`, :attr:`check_results`, :attr:`answer`) does not
-    even compose the answer while its sources stay the same objects, unless
-    one of the values was read before :meth:`get` (then it is what the body
-    says).
+    even compose the answer while its sources stay the same objects (see
+    :meth:`_answered`), unless one of the values was computed or assigned
+    before :meth:`get` (then it is what the body says) or the request's
+    ``Accept`` prefers health+json.
 
     The watcher is asked for once per request. When there is none to ask,
     the answer is still a status body: a bad ``consul_status`` setting
