@@ -120,24 +120,19 @@ def render(per_request: dict[str, float], requests: int) -> list[str]:
     )
 
 
-def _positive(text: str) -> int:
-    number = int(text)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
-    return number
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.instructions", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--requests", type=_positive, default=2000)
+    parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
     parser.add_argument("--consul", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         asyncio.run(serve_counted(args.child, args.consul, args.requests))
         return 0
+    if args.requests < 1:
+        parser.error(f"--requests must be at least 1, got {args.requests}")
     if shutil.which("valgrind") is None:
         parser.error("valgrind is not installed (Debian: apt-get install valgrind)")
     print("\n".join(render(measure(args.requests), args.requests)))
